@@ -1,0 +1,22 @@
+//! Compiles `proto/` with protox (pure Rust, so building needs no system
+//! `protoc`), generates the tonic client and server, and writes the encoded
+//! descriptor set that server reflection serves.
+
+use prost::Message;
+use std::{env, fs, path::PathBuf};
+
+const PROTO: &str = "proto/customermapping/v1/customer_mapping.proto";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // tonic-prost-build does not print this for `compile_fds`.
+    println!("cargo:rerun-if-changed=proto");
+
+    let fds = protox::compile([PROTO], ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("customer_mapping_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
