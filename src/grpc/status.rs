@@ -1,0 +1,94 @@
+//! The one place where domain errors become gRPC status codes.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::mapping::{Error, Key, Mapping};
+
+/// `google.rpc.ErrorInfo.domain` of every error this service returns.
+pub const ERROR_DOMAIN: &str = "customermapping.v1";
+
+pub const REASON_USER_ALREADY_LINKED: &str = "USER_ALREADY_LINKED";
+pub const REASON_CUSTOMER_ALREADY_LINKED: &str = "CUSTOMER_ALREADY_LINKED";
+pub const REASON_MAPPING_NOT_FOUND: &str = "MAPPING_NOT_FOUND";
+
+/// ErrorInfo metadata keys (lowerCamelCase, as AIP-193 asks).
+pub const METADATA_USER_ID: &str = "userId";
+pub const METADATA_STRIPE_CUSTOMER_ID: &str = "stripeCustomerId";
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|v| format!("{}: {}", v.field, v.description))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let violations: Vec<FieldViolation> = violations
+                    .into_iter()
+                    .map(|v| FieldViolation::new(v.field, v.description))
+                    .collect();
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    format!("invalid request: {message}"),
+                    ErrorDetails::with_bad_request(violations),
+                )
+            }
+            Error::UserAlreadyLinked(existing) => already_linked(
+                REASON_USER_ALREADY_LINKED,
+                "user is already linked to another Stripe customer",
+                &existing,
+            ),
+            Error::CustomerAlreadyLinked(existing) => already_linked(
+                REASON_CUSTOMER_ALREADY_LINKED,
+                "Stripe customer is already linked to another user",
+                &existing,
+            ),
+            Error::NotFound(key) => {
+                let metadata = match key {
+                    Key::User(id) => HashMap::from([(METADATA_USER_ID.to_owned(), id.into())]),
+                    Key::Customer(id) => {
+                        HashMap::from([(METADATA_STRIPE_CUSTOMER_ID.to_owned(), id.into())])
+                    }
+                };
+                Status::with_error_details(
+                    Code::NotFound,
+                    "no mapping for this key",
+                    ErrorDetails::with_error_info(REASON_MAPPING_NOT_FOUND, ERROR_DOMAIN, metadata),
+                )
+            }
+            Error::Contended => {
+                Status::aborted("the mapping was changed concurrently too many times; retry")
+            }
+            Error::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                Status::unavailable("database unavailable; retry with backoff")
+            }
+            Error::Internal(source) => {
+                tracing::error!(error = %source, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+fn already_linked(reason: &str, message: &str, existing: &Mapping) -> Status {
+    let metadata = HashMap::from([
+        (
+            METADATA_USER_ID.to_owned(),
+            existing.user_id.as_str().to_owned(),
+        ),
+        (
+            METADATA_STRIPE_CUSTOMER_ID.to_owned(),
+            existing.stripe_customer_id.as_str().to_owned(),
+        ),
+    ]);
+    Status::with_error_details(
+        Code::AlreadyExists,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}

@@ -1,0 +1,35 @@
+use clap::Parser;
+use customer_mapping::{
+    config::{Cli, Command},
+    startup::{self, Application},
+    telemetry,
+};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.settings.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.settings).await,
+        Command::Migrate => startup::migrate(&cli.settings.database).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "exiting");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<()> {
+    let app = Application::build(settings).await?;
+    tracing::info!(
+        addr = %app.local_addr(),
+        database = %settings.database.redacted_url(),
+        "serving customermapping.v1.CustomerMapping"
+    );
+    app.run_until(startup::shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,44 @@
+use super::{Key, Mapping};
+
+/// A field the caller got wrong, named as in the proto.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+/// Everything that can go wrong in the domain. The gRPC layer turns each
+/// variant into exactly one status code; nothing else chooses codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid argument")]
+    InvalidArgument(Vec<FieldViolation>),
+
+    /// The user is already linked to another customer; carries that mapping.
+    #[error("user is already linked to another Stripe customer")]
+    UserAlreadyLinked(Mapping),
+
+    /// The customer is already linked to another user; carries that mapping.
+    #[error("Stripe customer is already linked to another user")]
+    CustomerAlreadyLinked(Mapping),
+
+    /// No mapping holds this key.
+    #[error("mapping not found")]
+    NotFound(Key),
+
+    /// Link lost every bounded retry to concurrent Link/Unlink calls on the
+    /// same keys. Nothing was written; the caller may retry.
+    #[error("too much concurrent modification of the same mapping")]
+    Contended,
+
+    /// The database is unreachable, saturated or busy. Nothing is known to
+    /// have been written; the caller may retry.
+    #[error("database unavailable")]
+    Unavailable(#[source] BoxError),
+
+    /// Anything else. The source is for the log, never for the caller.
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,136 @@
+//! The domain: validated ids, the mapping, and the Link / Get / Unlink rules.
+//! Knows nothing of gRPC.
+
+mod error;
+mod ids;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sea_orm::DatabaseConnection;
+
+pub use error::{BoxError, Error, FieldViolation};
+pub use ids::{InvalidId, MAX_ID_CHARS, StripeCustomerId, UserId};
+
+use crate::store::{self, LinkAttempt, entity::Model};
+
+/// How many times Link starts over when the rows it conflicted with were
+/// unlinked (or the database aborted it) before it could read them. Each
+/// retry needs a concurrent Unlink of the same keys to land inside a few
+/// milliseconds, so a handful is plenty.
+const MAX_LINK_ATTEMPTS: usize = 5;
+
+/// One user linked to one Stripe customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub user_id: UserId,
+    pub stripe_customer_id: StripeCustomerId,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The outcome of a successful Link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Linked {
+    pub mapping: Mapping,
+    /// True when this call created the mapping, false when it already existed.
+    pub created: bool,
+}
+
+/// Either side of a mapping, to find or remove it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    User(UserId),
+    Customer(StripeCustomerId),
+}
+
+/// Link, Get and Unlink over one database.
+#[derive(Debug, Clone)]
+pub struct Mappings {
+    db: DatabaseConnection,
+}
+
+impl Mappings {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// Links `user_id` to `stripe_customer_id`, or says who holds either.
+    /// See [`store::try_link`] for why this has no race window.
+    pub async fn link(
+        &self,
+        user_id: UserId,
+        stripe_customer_id: StripeCustomerId,
+    ) -> Result<Linked, Error> {
+        // PostgreSQL keeps microseconds; truncating here makes the reply of
+        // the creating call equal to every later read.
+        let now = Utc::now().trunc_subsecs(6);
+        for _ in 0..MAX_LINK_ATTEMPTS {
+            let rows =
+                match store::try_link(&self.db, user_id.as_str(), stripe_customer_id.as_str(), now)
+                    .await?
+                {
+                    LinkAttempt::Created(row) => {
+                        return Ok(Linked {
+                            mapping: row.try_into()?,
+                            created: true,
+                        });
+                    }
+                    LinkAttempt::Conflicts(rows) => rows,
+                    LinkAttempt::RolledBack => continue,
+                };
+            // A row holding our user decides first: that is the question a
+            // caller linking a user asks ("who is my customer?").
+            if let Some(row) = rows.iter().find(|r| r.user_id == user_id.as_str()) {
+                let existing: Mapping = row.clone().try_into()?;
+                return if existing.stripe_customer_id == stripe_customer_id {
+                    Ok(Linked {
+                        mapping: existing,
+                        created: false,
+                    })
+                } else {
+                    Err(Error::UserAlreadyLinked(existing))
+                };
+            }
+            if let Some(row) = rows.into_iter().next() {
+                return Err(Error::CustomerAlreadyLinked(row.try_into()?));
+            }
+            // The conflicting row was unlinked between our insert and our
+            // read: nothing holds either key any more, so try again.
+        }
+        Err(Error::Contended)
+    }
+
+    /// The mapping holding `key`.
+    pub async fn get(&self, key: &Key) -> Result<Mapping, Error> {
+        let row = match key {
+            Key::User(id) => store::find_by_user_id(&self.db, id.as_str()).await?,
+            Key::Customer(id) => store::find_by_stripe_customer_id(&self.db, id.as_str()).await?,
+        };
+        row.ok_or_else(|| Error::NotFound(key.clone()))?.try_into()
+    }
+
+    /// Removes the mapping holding `key` and returns it.
+    pub async fn unlink(&self, key: &Key) -> Result<Mapping, Error> {
+        let row = match key {
+            Key::User(id) => store::delete_by_user_id(&self.db, id.as_str()).await?,
+            Key::Customer(id) => store::delete_by_stripe_customer_id(&self.db, id.as_str()).await?,
+        };
+        row.ok_or_else(|| Error::NotFound(key.clone()))?.try_into()
+    }
+}
+
+impl TryFrom<Model> for Mapping {
+    type Error = Error;
+
+    /// Rows are written only from validated ids, so a row that does not parse
+    /// means the table was edited by hand: an internal error, not the caller's.
+    fn try_from(row: Model) -> Result<Self, Error> {
+        let corrupt = |e: InvalidId| {
+            Error::Internal(format!("stored mapping {} is invalid: {e}", row.id).into())
+        };
+        Ok(Mapping {
+            user_id: UserId::parse(row.user_id.clone()).map_err(corrupt)?,
+            stripe_customer_id: StripeCustomerId::parse(row.stripe_customer_id.clone())
+                .map_err(corrupt)?,
+            created_at: row.created_at,
+        })
+    }
+}

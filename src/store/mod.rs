@@ -1,0 +1,241 @@
+//! Persistence: the SeaORM entity, the connection pool and the queries.
+//! Knows nothing of gRPC; speaks in rows and `DbErr`.
+
+pub mod entity;
+mod errors;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr,
+    EntityTrait, QueryFilter, QueryTrait, Set, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
+    sea_query::{InsertStatement, OnConflict},
+};
+
+use entity::{ActiveModel, Column, Entity as StripeCustomers, Model};
+pub use errors::is_rolled_back_by_database;
+
+/// Pool settings, taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// SQLite only: how long a writer waits for another writer's lock.
+    pub sqlite_busy_timeout: Duration,
+}
+
+/// Opens the pool. SQLite runs in WAL mode with `synchronous = FULL` (a
+/// committed link survives a crash) and a busy timeout, so that several
+/// connections can read while one writes.
+pub async fn connect(url: &str, options: &PoolOptions) -> Result<DatabaseConnection, DbErr> {
+    use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+
+    let busy_timeout = options.sqlite_busy_timeout;
+    let mut opts = ConnectOptions::new(url);
+    opts.max_connections(options.max_connections)
+        .min_connections(0)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_timeout(options.connect_timeout)
+        // Statement logging would put SQL and values in the log.
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(move |o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(busy_timeout)
+        });
+    Database::connect(opts).await
+}
+
+/// Applies every pending migration. Safe to run from several replicas at
+/// once on PostgreSQL (the migrations are `IF NOT EXISTS`).
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    Migrator::up(db, None).await
+}
+
+/// What one attempt at linking found.
+#[derive(Debug)]
+pub enum LinkAttempt {
+    /// This attempt inserted the row.
+    Created(Model),
+    /// The insert conflicted; these are the committed rows holding the user
+    /// or the customer when read. Empty when they were unlinked in between.
+    Conflicts(Vec<Model>),
+    /// The database rolled the transaction back (deadlock or serialization
+    /// failure): nothing was written and the attempt can be repeated.
+    RolledBack,
+}
+
+/// One atomic attempt to link `user_id` to `stripe_customer_id`.
+///
+/// Why there is no race window (the bug this service replaces did
+/// "insert, ignore conflict, then look up" and trusted the look-up):
+///
+/// 1. `INSERT ... ON CONFLICT DO NOTHING RETURNING *` is one atomic statement
+///    arbitrated by the two unique indexes. On PostgreSQL, if another
+///    transaction holds an uncommitted row with either key, the insert waits
+///    for it to commit or roll back, then either inserts (and we return
+///    `Created`: the row is ours and nobody else can have either key) or does
+///    nothing because a *committed* row holds a key. Two concurrent Links can
+///    never both insert, whatever the interleaving.
+/// 2. Only on conflict do we read the rows holding either key, in the same
+///    transaction. Under READ COMMITTED the read takes a fresh snapshot, so it
+///    sees the committed conflicting row, or nothing if a concurrent Unlink
+///    committed in between: then we report `Conflicts(vec![])` and the caller
+///    retries (bounded) instead of guessing. On SQLite the transaction is
+///    `BEGIN IMMEDIATE`, so writers are serialized and the read sees exactly
+///    what the insert conflicted with.
+/// 3. The caller decides from the rows it read, never from an assumption. A
+///    reply is always the state at one instant during the call (the insert's
+///    commit, or the read), which is what makes the service linearizable: an
+///    idempotent repeat returns the stored row, and a conflict names the row
+///    that actually holds the key.
+pub async fn try_link(
+    db: &DatabaseConnection,
+    user_id: &str,
+    stripe_customer_id: &str,
+    created_at: DateTime<Utc>,
+) -> Result<LinkAttempt, DbErr> {
+    match try_link_in_transaction(db, user_id, stripe_customer_id, created_at).await {
+        Err(err) if is_rolled_back_by_database(&err) => Ok(LinkAttempt::RolledBack),
+        other => other,
+    }
+}
+
+async fn try_link_in_transaction(
+    db: &DatabaseConnection,
+    user_id: &str,
+    stripe_customer_id: &str,
+    created_at: DateTime<Utc>,
+) -> Result<LinkAttempt, DbErr> {
+    let txn = db
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..Default::default()
+        })
+        .await?;
+
+    let insert = insert_unless_either_key_taken(user_id, stripe_customer_id, created_at);
+    let inserted = StripeCustomers::find()
+        .from_raw_sql(txn.get_database_backend().build(&insert))
+        .one(&txn)
+        .await?;
+
+    let attempt = match inserted {
+        Some(model) => LinkAttempt::Created(model),
+        None => LinkAttempt::Conflicts(
+            StripeCustomers::find()
+                .filter(
+                    Condition::any()
+                        .add(Column::UserId.eq(user_id))
+                        .add(Column::StripeCustomerId.eq(stripe_customer_id)),
+                )
+                .all(&txn)
+                .await?,
+        ),
+    };
+    txn.commit().await?;
+    Ok(attempt)
+}
+
+/// `INSERT ... ON CONFLICT DO NOTHING RETURNING *`, with no conflict target
+/// so that a conflict on *either* unique index does nothing. Run by hand
+/// rather than through `TryInsert`, whose `exec_with_returning` reports an
+/// empty RETURNING as an error instead of a conflict.
+fn insert_unless_either_key_taken(
+    user_id: &str,
+    stripe_customer_id: &str,
+    created_at: DateTime<Utc>,
+) -> InsertStatement {
+    let row = ActiveModel {
+        user_id: Set(user_id.to_owned()),
+        stripe_customer_id: Set(stripe_customer_id.to_owned()),
+        created_at: Set(created_at),
+        ..Default::default()
+    };
+    StripeCustomers::insert(row)
+        .on_conflict(OnConflict::new().do_nothing().to_owned())
+        .into_query()
+        .returning_all()
+        .to_owned()
+}
+
+/// The row holding `user_id`, if any.
+pub async fn find_by_user_id(
+    db: &DatabaseConnection,
+    user_id: &str,
+) -> Result<Option<Model>, DbErr> {
+    StripeCustomers::find()
+        .filter(Column::UserId.eq(user_id))
+        .one(db)
+        .await
+}
+
+/// The row holding `stripe_customer_id`, if any.
+pub async fn find_by_stripe_customer_id(
+    db: &DatabaseConnection,
+    stripe_customer_id: &str,
+) -> Result<Option<Model>, DbErr> {
+    StripeCustomers::find()
+        .filter(Column::StripeCustomerId.eq(stripe_customer_id))
+        .one(db)
+        .await
+}
+
+/// Deletes the row holding `user_id` in one statement and returns it.
+pub async fn delete_by_user_id(
+    db: &DatabaseConnection,
+    user_id: &str,
+) -> Result<Option<Model>, DbErr> {
+    delete_returning(db, Column::UserId, user_id).await
+}
+
+/// Deletes the row holding `stripe_customer_id` in one statement and returns it.
+pub async fn delete_by_stripe_customer_id(
+    db: &DatabaseConnection,
+    stripe_customer_id: &str,
+) -> Result<Option<Model>, DbErr> {
+    delete_returning(db, Column::StripeCustomerId, stripe_customer_id).await
+}
+
+async fn delete_returning(
+    db: &DatabaseConnection,
+    column: Column,
+    value: &str,
+) -> Result<Option<Model>, DbErr> {
+    // `DELETE ... RETURNING` is atomic: of two concurrent Unlinks of the same
+    // row exactly one gets it back, the other finds nothing.
+    let mut deleted = StripeCustomers::delete_many()
+        .filter(column.eq(value))
+        .exec_with_returning(db)
+        .await?;
+    // The column is unique, so there is at most one row.
+    Ok(deleted.pop())
+}
+
+/// Cheapest round trip that proves the database answers.
+pub async fn ping(db: &DatabaseConnection) -> Result<(), DbErr> {
+    db.ping().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::DbBackend;
+
+    #[test]
+    fn link_insert_does_nothing_on_either_key_and_returns_the_row() {
+        let insert = insert_unless_either_key_taken("u", "cus_1", DateTime::UNIX_EPOCH);
+        for backend in [DbBackend::Postgres, DbBackend::Sqlite] {
+            let sql = backend.build(&insert).sql;
+            let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(
+                sql.ends_with(") ON CONFLICT DO NOTHING RETURNING *"),
+                "{backend:?}: {sql}"
+            );
+        }
+    }
+}
