@@ -1,0 +1,391 @@
+//! Shared test harness: a real server on an ephemeral port, a real tonic
+//! client, and a fresh database per test (a temporary SQLite file, or a new
+//! PostgreSQL database that is dropped when the test ends).
+
+#![allow(dead_code)] // each test file uses a different part of it
+
+pub mod proxy;
+
+use std::{net::SocketAddr, time::Duration};
+
+use customer_mapping::{
+    config::{DatabaseSettings, LogFormat, Settings},
+    proto::{
+        GetRequest, LinkRequest, LinkResponse, Mapping, UnlinkRequest,
+        customer_mapping_client::CustomerMappingClient, get_request, unlink_request,
+    },
+    startup::Application,
+};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+
+pub type Client = CustomerMappingClient<Channel>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates, for each `async fn name(app: TestApp)` given, a module `name`
+/// with one test per database: `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::spawn_app($crate::common::Backend::Sqlite).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::common::spawn_app($crate::common::Backend::Postgres).await).await
+            }
+        }
+    )*};
+}
+
+/// A running server and what a test needs to talk to it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: Client,
+    pub backend: Backend,
+    pub database: TestDatabase,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Like [`spawn_app`], letting the test adjust the settings first.
+pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let database = TestDatabase::create(backend).await;
+    let mut settings = test_settings(database.url.clone());
+    adjust(&mut settings);
+    spawn_on(backend, database, settings).await
+}
+
+/// Settings for tests: port 0, a small pool (PostgreSQL allows 100
+/// connections across all the tests running in parallel).
+pub fn test_settings(database_url: String) -> Settings {
+    let mut database = DatabaseSettings::with_url(database_url);
+    database.database_max_connections = 4;
+    Settings {
+        listen_addr: "127.0.0.1:0".parse().expect("valid address"),
+        database,
+        log_format: LogFormat::Text,
+    }
+}
+
+pub async fn spawn_on(backend: Backend, database: TestDatabase, settings: Settings) -> TestApp {
+    let app = Application::build(&settings)
+        .await
+        .expect("the application builds");
+    let addr = app.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        client: connect(addr).await,
+        backend,
+        database,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+/// A new client with its own HTTP/2 connection.
+pub async fn connect(addr: SocketAddr) -> Client {
+    CustomerMappingClient::connect(format!("http://{addr}"))
+        .await
+        .expect("the client connects")
+}
+
+impl TestApp {
+    /// A new client with its own HTTP/2 connection.
+    pub async fn new_client(&self) -> Client {
+        connect(self.addr).await
+    }
+
+    /// Stops the server gracefully and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("the server task did not panic")
+                .expect("the server stopped cleanly");
+        }
+    }
+
+    pub async fn link(
+        &self,
+        user_id: &str,
+        stripe_customer_id: &str,
+    ) -> Result<LinkResponse, Status> {
+        link(&mut self.client.clone(), user_id, stripe_customer_id).await
+    }
+
+    pub async fn get_by_user(&self, user_id: &str) -> Result<Mapping, Status> {
+        get(
+            &mut self.client.clone(),
+            get_request::Key::UserId(user_id.into()),
+        )
+        .await
+    }
+
+    pub async fn get_by_customer(&self, stripe_customer_id: &str) -> Result<Mapping, Status> {
+        get(
+            &mut self.client.clone(),
+            get_request::Key::StripeCustomerId(stripe_customer_id.into()),
+        )
+        .await
+    }
+
+    pub async fn unlink_by_user(&self, user_id: &str) -> Result<Mapping, Status> {
+        unlink(
+            &mut self.client.clone(),
+            unlink_request::Key::UserId(user_id.into()),
+        )
+        .await
+    }
+
+    pub async fn unlink_by_customer(&self, stripe_customer_id: &str) -> Result<Mapping, Status> {
+        unlink(
+            &mut self.client.clone(),
+            unlink_request::Key::StripeCustomerId(stripe_customer_id.into()),
+        )
+        .await
+    }
+
+    /// A direct connection to the test's database, bypassing the service.
+    pub async fn db(&self) -> DatabaseConnection {
+        Database::connect(&self.database.url)
+            .await
+            .expect("the test connects to its database")
+    }
+
+    /// Every row of the table, read directly: `(user_id, stripe_customer_id)`.
+    pub async fn rows(&self) -> Vec<(String, String)> {
+        use customer_mapping::store::entity::{Column, Entity};
+        use sea_orm::{EntityTrait, QueryOrder};
+        let db = self.db().await;
+        let rows = Entity::find()
+            .order_by_asc(Column::UserId)
+            .all(&db)
+            .await
+            .expect("the table is readable");
+        db.close().await.expect("the connection closes");
+        rows.into_iter()
+            .map(|r| (r.user_id, r.stripe_customer_id))
+            .collect()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Stop serving before the database goes away.
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+pub async fn link(
+    client: &mut Client,
+    user_id: &str,
+    stripe_customer_id: &str,
+) -> Result<LinkResponse, Status> {
+    client
+        .link(LinkRequest {
+            user_id: user_id.into(),
+            stripe_customer_id: stripe_customer_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn get(client: &mut Client, key: get_request::Key) -> Result<Mapping, Status> {
+    let reply = client
+        .get(GetRequest { key: Some(key) })
+        .await?
+        .into_inner();
+    Ok(reply.mapping.expect("Get returns a mapping"))
+}
+
+pub async fn unlink(client: &mut Client, key: unlink_request::Key) -> Result<Mapping, Status> {
+    let reply = client
+        .unlink(UnlinkRequest { key: Some(key) })
+        .await?
+        .into_inner();
+    Ok(reply.mapping.expect("Unlink returns a mapping"))
+}
+
+/// Asserts `status` is ALREADY_EXISTS with the given ErrorInfo reason and
+/// existing mapping.
+pub fn assert_already_linked(
+    status: &Status,
+    reason: &str,
+    user_id: &str,
+    stripe_customer_id: &str,
+) {
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("ALREADY_EXISTS carries an ErrorInfo");
+    assert_eq!(info.reason, reason);
+    assert_eq!(info.domain, "customermapping.v1");
+    assert_eq!(
+        info.metadata.get("userId").map(String::as_str),
+        Some(user_id)
+    );
+    assert_eq!(
+        info.metadata.get("stripeCustomerId").map(String::as_str),
+        Some(stripe_customer_id)
+    );
+    assert_eq!(info.metadata.len(), 2, "{:?}", info.metadata);
+}
+
+/// Asserts `status` is NOT_FOUND with reason MAPPING_NOT_FOUND.
+pub fn assert_not_found(status: &Status) {
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("NOT_FOUND carries an ErrorInfo");
+    assert_eq!(info.reason, "MAPPING_NOT_FOUND");
+    assert_eq!(info.domain, "customermapping.v1");
+}
+
+/// Asserts `status` is INVALID_ARGUMENT whose BadRequest names exactly
+/// `fields`, in order.
+pub fn assert_invalid(status: &Status, fields: &[&str]) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let bad_request = status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries a BadRequest");
+    let named: Vec<&str> = bad_request
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(named, fields, "{status:?}");
+    assert!(
+        bad_request
+            .field_violations
+            .iter()
+            .all(|v| !v.description.is_empty()),
+        "every violation says what is wrong"
+    );
+}
+
+/// A database that exists for one test.
+pub struct TestDatabase {
+    pub url: String,
+    kind: DatabaseKind,
+}
+
+enum DatabaseKind {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres { admin_url: String, name: String },
+}
+
+/// Where the PostgreSQL server for tests is: `TEST_DATABASE_URL`, or the
+/// local server this project's machines run.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl TestDatabase {
+    pub async fn create(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+                Self {
+                    url,
+                    kind: DatabaseKind::Sqlite(dir),
+                }
+            }
+            Backend::Postgres => {
+                let admin_url = postgres_admin_url();
+                let name = format!("cm_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = connect_admin(&admin_url).await;
+                admin
+                    .execute_unprepared(&format!(r#"CREATE DATABASE "{name}""#))
+                    .await
+                    .expect("the test user may CREATE DATABASE");
+                admin.close().await.expect("the admin connection closes");
+                Self {
+                    url: with_database(&admin_url, &name),
+                    kind: DatabaseKind::Postgres { admin_url, name },
+                }
+            }
+        }
+    }
+}
+
+async fn connect_admin(admin_url: &str) -> DatabaseConnection {
+    let mut opts = sea_orm::ConnectOptions::new(admin_url);
+    opts.max_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    match Database::connect(opts).await {
+        Ok(db) => db,
+        Err(err) => panic!(
+            "PostgreSQL tests need a server: none answered at {} ({err}). \
+             Start one on 127.0.0.1:5432 (user postgres, trust auth) or set TEST_DATABASE_URL \
+             to a URL whose user may CREATE DATABASE.",
+            customer_mapping::config::redact_url(admin_url)
+        ),
+    }
+}
+
+/// `admin_url` pointing at database `name` instead.
+fn with_database(admin_url: &str, name: &str) -> String {
+    let mut url = url::Url::parse(admin_url).expect("TEST_DATABASE_URL is a URL");
+    url.set_path(name);
+    url.to_string()
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let DatabaseKind::Postgres { admin_url, name } = &self.kind else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which can't block on async
+        // work: do it on a thread with a runtime of its own. FORCE ends the
+        // server's pool connections if they are still open.
+        let (admin_url, database) = (admin_url.clone(), name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let admin = connect_admin(&admin_url).await;
+                admin
+                    .execute_unprepared(&format!(
+                        r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#
+                    ))
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
+            panic!("could not drop test database {name}");
+        }
+    }
+}
