@@ -5,13 +5,17 @@
 use prost::Message;
 use std::{env, fs, path::PathBuf};
 
-const PROTO: &str = "proto/customermapping/v1/customer_mapping.proto";
+const PROTOS: &[&str] = &[
+    "proto/customermapping/v1/customer_mapping.proto",
+    // Served by reflection so that grpcurl can decode our error details.
+    "proto/google/rpc/error_details.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build does not print this for `compile_fds`.
     println!("cargo:rerun-if-changed=proto");
 
-    let fds = protox::compile([PROTO], ["proto"])?;
+    let fds = protox::compile(PROTOS, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
         out_dir.join("customer_mapping_descriptor.bin"),

@@ -37,6 +37,18 @@ pub struct Settings {
     #[command(flatten)]
     pub database: DatabaseSettings,
 
+    #[command(flatten)]
+    pub health: HealthSettings,
+
+    /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
+    #[arg(long, env = "METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// On SIGTERM/SIGINT, how long in-flight RPCs may take to finish before
+    /// they are cut off.
+    #[arg(long, env = "SHUTDOWN_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_drain_timeout: Duration,
+
     /// Log format: `text` for people, `json` for log collectors.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -80,6 +92,18 @@ pub struct DatabaseSettings {
     /// migration Job runs `customer-mapping migrate` instead.
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+pub struct HealthSettings {
+    /// How often the database is checked to drive gRPC health (and, while
+    /// it does not answer at start, how often connecting is retried).
+    #[arg(long, env = "HEALTH_PROBE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub health_probe_interval: Duration,
+
+    /// How long one database check may take before it counts as failed.
+    #[arg(long, env = "HEALTH_PROBE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub health_probe_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod grpc;
+pub mod health;
 pub mod mapping;
 pub mod proto;
 pub mod startup;

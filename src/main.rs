@@ -26,6 +26,7 @@ async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<
     let app = Application::build(settings).await?;
     tracing::info!(
         addr = %app.local_addr(),
+        metrics = ?app.metrics_addr(),
         database = %settings.database.redacted_url(),
         "serving customermapping.v1.CustomerMapping"
     );

@@ -1,8 +1,12 @@
 //! The gRPC layer: decode and validate requests, call the domain, encode
 //! replies. Status codes are chosen in `status.rs` only.
 
+mod observe;
 pub mod status;
 
+pub use observe::REQUEST_ID;
+
+use observe::observe;
 use tonic::{Request, Response, Status};
 
 use crate::mapping::{
@@ -30,16 +34,29 @@ impl CustomerMappingService {
 #[tonic::async_trait]
 impl CustomerMapping for CustomerMappingService {
     async fn link(&self, request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
-        let LinkRequest {
-            user_id,
-            stripe_customer_id,
-        } = request.into_inner();
+        observe("Link", request, |message| self.handle_link(message)).await
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        observe("Get", request, |message| self.handle_get(message)).await
+    }
+
+    async fn unlink(
+        &self,
+        request: Request<UnlinkRequest>,
+    ) -> Result<Response<UnlinkResponse>, Status> {
+        observe("Unlink", request, |message| self.handle_unlink(message)).await
+    }
+}
+
+impl CustomerMappingService {
+    async fn handle_link(&self, request: LinkRequest) -> Result<LinkResponse, Status> {
         // Validate both fields so the caller learns every mistake at once.
         let (user_id, stripe_customer_id) = match (
-            parse("user_id", UserId::parse(user_id)),
+            parse("user_id", UserId::parse(request.user_id)),
             parse(
                 "stripe_customer_id",
-                StripeCustomerId::parse(stripe_customer_id),
+                StripeCustomerId::parse(request.stripe_customer_id),
             ),
         ) {
             (Ok(user), Ok(customer)) => (user, customer),
@@ -49,39 +66,36 @@ impl CustomerMapping for CustomerMappingService {
             }
         };
         let linked = self.mappings.link(user_id, stripe_customer_id).await?;
-        Ok(Response::new(LinkResponse {
+        Ok(LinkResponse {
             mapping: Some(linked.mapping.into()),
             created: linked.created,
-        }))
+        })
     }
 
-    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let key = match request.into_inner().key {
+    async fn handle_get(&self, request: GetRequest) -> Result<GetResponse, Status> {
+        let key = match request.key {
             Some(proto::get_request::Key::UserId(id)) => user_key(id),
             Some(proto::get_request::Key::StripeCustomerId(id)) => customer_key(id),
             None => Err(missing_key()),
         }
         .map_err(|v| Error::InvalidArgument(vec![v]))?;
         let mapping = self.mappings.get(&key).await?;
-        Ok(Response::new(GetResponse {
+        Ok(GetResponse {
             mapping: Some(mapping.into()),
-        }))
+        })
     }
 
-    async fn unlink(
-        &self,
-        request: Request<UnlinkRequest>,
-    ) -> Result<Response<UnlinkResponse>, Status> {
-        let key = match request.into_inner().key {
+    async fn handle_unlink(&self, request: UnlinkRequest) -> Result<UnlinkResponse, Status> {
+        let key = match request.key {
             Some(proto::unlink_request::Key::UserId(id)) => user_key(id),
             Some(proto::unlink_request::Key::StripeCustomerId(id)) => customer_key(id),
             None => Err(missing_key()),
         }
         .map_err(|v| Error::InvalidArgument(vec![v]))?;
         let mapping = self.mappings.unlink(&key).await?;
-        Ok(Response::new(UnlinkResponse {
+        Ok(UnlinkResponse {
             mapping: Some(mapping.into()),
-        }))
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use sea_orm::DatabaseConnection;
 pub use error::{BoxError, Error, FieldViolation};
 pub use ids::{InvalidId, MAX_ID_CHARS, StripeCustomerId, UserId};
 
-use crate::store::{self, LinkAttempt, entity::Model};
+use crate::store::{self, LinkAttempt, Store, entity::Model};
 
 /// How many times Link starts over when the rows it conflicted with were
 /// unlinked (or the database aborted it) before it could read them. Each
@@ -44,12 +44,20 @@ pub enum Key {
 /// Link, Get and Unlink over one database.
 #[derive(Debug, Clone)]
 pub struct Mappings {
-    db: DatabaseConnection,
+    store: Store,
 }
 
 impl Mappings {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// The pool, or UNAVAILABLE while the service is still waiting for its
+    /// database at start-up.
+    fn db(&self) -> Result<&DatabaseConnection, Error> {
+        self.store
+            .get()
+            .ok_or_else(|| Error::Unavailable("the database is not connected yet".into()))
     }
 
     /// Links `user_id` to `stripe_customer_id`, or says who holds either.
@@ -62,20 +70,20 @@ impl Mappings {
         // PostgreSQL keeps microseconds; truncating here makes the reply of
         // the creating call equal to every later read.
         let now = Utc::now().trunc_subsecs(6);
+        let db = self.db()?;
         for _ in 0..MAX_LINK_ATTEMPTS {
-            let rows =
-                match store::try_link(&self.db, user_id.as_str(), stripe_customer_id.as_str(), now)
-                    .await?
-                {
-                    LinkAttempt::Created(row) => {
-                        return Ok(Linked {
-                            mapping: row.try_into()?,
-                            created: true,
-                        });
-                    }
-                    LinkAttempt::Conflicts(rows) => rows,
-                    LinkAttempt::RolledBack => continue,
-                };
+            let rows = match store::try_link(db, user_id.as_str(), stripe_customer_id.as_str(), now)
+                .await?
+            {
+                LinkAttempt::Created(row) => {
+                    return Ok(Linked {
+                        mapping: row.try_into()?,
+                        created: true,
+                    });
+                }
+                LinkAttempt::Conflicts(rows) => rows,
+                LinkAttempt::RolledBack => continue,
+            };
             // A row holding our user decides first: that is the question a
             // caller linking a user asks ("who is my customer?").
             if let Some(row) = rows.iter().find(|r| r.user_id == user_id.as_str()) {
@@ -100,18 +108,20 @@ impl Mappings {
 
     /// The mapping holding `key`.
     pub async fn get(&self, key: &Key) -> Result<Mapping, Error> {
+        let db = self.db()?;
         let row = match key {
-            Key::User(id) => store::find_by_user_id(&self.db, id.as_str()).await?,
-            Key::Customer(id) => store::find_by_stripe_customer_id(&self.db, id.as_str()).await?,
+            Key::User(id) => store::find_by_user_id(db, id.as_str()).await?,
+            Key::Customer(id) => store::find_by_stripe_customer_id(db, id.as_str()).await?,
         };
         row.ok_or_else(|| Error::NotFound(key.clone()))?.try_into()
     }
 
     /// Removes the mapping holding `key` and returns it.
     pub async fn unlink(&self, key: &Key) -> Result<Mapping, Error> {
+        let db = self.db()?;
         let row = match key {
-            Key::User(id) => store::delete_by_user_id(&self.db, id.as_str()).await?,
-            Key::Customer(id) => store::delete_by_stripe_customer_id(&self.db, id.as_str()).await?,
+            Key::User(id) => store::delete_by_user_id(db, id.as_str()).await?,
+            Key::Customer(id) => store::delete_by_stripe_customer_id(db, id.as_str()).await?,
         };
         row.ok_or_else(|| Error::NotFound(key.clone()))?.try_into()
     }

@@ -4,7 +4,10 @@
 pub mod entity;
 mod errors;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use migration::{Migrator, MigratorTrait};
@@ -50,10 +53,52 @@ pub async fn connect(url: &str, options: &PoolOptions) -> Result<DatabaseConnect
     Database::connect(opts).await
 }
 
-/// Applies every pending migration. Safe to run from several replicas at
-/// once on PostgreSQL (the migrations are `IF NOT EXISTS`).
+/// Applies every pending migration. Replicas starting together may race;
+/// the loser gets an error and its start-up loop simply tries again.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     Migrator::up(db, None).await
+}
+
+/// The database once it is connected and migrated, shared by the RPCs and
+/// the health probe. Empty while the service starts against a database that
+/// does not answer yet.
+#[derive(Debug, Clone, Default)]
+pub struct Store(Arc<OnceLock<DatabaseConnection>>);
+
+impl Store {
+    /// The connection pool, or `None` while the database is not ready.
+    pub fn get(&self) -> Option<&DatabaseConnection> {
+        self.0.get()
+    }
+
+    /// Publishes the pool; only the first call has an effect.
+    pub fn set(&self, db: DatabaseConnection) {
+        let _ = self.0.set(db);
+    }
+}
+
+/// Open and idle connections of a pool, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub open: u32,
+    pub idle: u32,
+}
+
+pub fn pool_stats(db: &DatabaseConnection) -> PoolStats {
+    let (open, idle) = match db.get_database_backend() {
+        sea_orm::DbBackend::Postgres => {
+            let pool = db.get_postgres_connection_pool();
+            (pool.size(), pool.num_idle())
+        }
+        _ => {
+            let pool = db.get_sqlite_connection_pool();
+            (pool.size(), pool.num_idle())
+        }
+    };
+    PoolStats {
+        open,
+        idle: u32::try_from(idle).unwrap_or(u32::MAX),
+    }
 }
 
 /// What one attempt at linking found.

@@ -9,7 +9,7 @@ pub mod proxy;
 use std::{net::SocketAddr, time::Duration};
 
 use customer_mapping::{
-    config::{DatabaseSettings, LogFormat, Settings},
+    config::{DatabaseSettings, HealthSettings, LogFormat, Settings},
     proto::{
         GetRequest, LinkRequest, LinkResponse, Mapping, UnlinkRequest,
         customer_mapping_client::CustomerMappingClient, get_request, unlink_request,
@@ -19,6 +19,10 @@ use customer_mapping::{
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Code, Status, transport::Channel};
+use tonic_health::{
+    ServingStatus,
+    pb::{HealthCheckRequest, health_client::HealthClient},
+};
 use tonic_types::StatusExt;
 
 pub type Client = CustomerMappingClient<Channel>;
@@ -77,11 +81,30 @@ pub fn test_settings(database_url: String) -> Settings {
     Settings {
         listen_addr: "127.0.0.1:0".parse().expect("valid address"),
         database,
+        health: HealthSettings {
+            health_probe_interval: Duration::from_millis(100),
+            health_probe_timeout: Duration::from_millis(500),
+        },
+        metrics_addr: None,
+        shutdown_drain_timeout: Duration::from_secs(5),
         log_format: LogFormat::Text,
     }
 }
 
+/// Starts the server and returns once health reports SERVING, i.e. the
+/// database is connected and migrated.
 pub async fn spawn_on(backend: Backend, database: TestDatabase, settings: Settings) -> TestApp {
+    let app = spawn_unready(backend, database, settings).await;
+    wait_for_health(app.addr, "", ServingStatus::Serving).await;
+    app
+}
+
+/// Starts the server without waiting for its database.
+pub async fn spawn_unready(
+    backend: Backend,
+    database: TestDatabase,
+    settings: Settings,
+) -> TestApp {
     let app = Application::build(&settings)
         .await
         .expect("the application builds");
@@ -100,11 +123,41 @@ pub async fn spawn_on(backend: Backend, database: TestDatabase, settings: Settin
     }
 }
 
-/// A new client with its own HTTP/2 connection.
-pub async fn connect(addr: SocketAddr) -> Client {
-    CustomerMappingClient::connect(format!("http://{addr}"))
+/// Watches `service`'s health until it reports `wanted` (bounded: a server
+/// that never gets there fails the test instead of hanging it).
+pub async fn wait_for_health(addr: SocketAddr, service: &str, wanted: ServingStatus) {
+    let mut health = HealthClient::new(channel(addr).await);
+    let watched = async {
+        let mut updates = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("Watch starts")
+            .into_inner();
+        while let Some(update) = updates.message().await.expect("Watch streams") {
+            if update.status == wanted as i32 {
+                return;
+            }
+        }
+        panic!("the Watch stream ended before {wanted:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(20), watched)
+        .await
+        .unwrap_or_else(|_| panic!("health of {service:?} never became {wanted:?}"));
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect()
         .await
         .expect("the client connects")
+}
+
+/// A new client with its own HTTP/2 connection.
+pub async fn connect(addr: SocketAddr) -> Client {
+    CustomerMappingClient::new(channel(addr).await)
 }
 
 impl TestApp {

@@ -1,4 +1,6 @@
-//! Logging, set up once at start.
+//! Logging and metrics, set up once at start.
+
+pub mod metrics;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 

@@ -1,0 +1,154 @@
+//! `grpc.health.v1` driven by the database: SERVING only while it answers.
+//!
+//! One background task, [`supervise_database`], first brings the database up
+//! (connect, then migrate when configured), retrying every probe interval
+//! while it does not answer, so the server starts and reports NOT_SERVING
+//! instead of crash-looping. Once up, it pings the database every interval
+//! and flips health both ways.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sea_orm::DatabaseConnection;
+use tokio::sync::{Mutex, watch};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{config::DatabaseSettings, proto::SERVICE_NAME, store, telemetry::metrics};
+
+/// Health of `""` (the whole server) and of the CustomerMapping service,
+/// which always agree: the service is only as healthy as its database.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    /// `true` once shutdown began: from then on nothing may report SERVING.
+    /// A mutex, not an atomic, so that a probe result and the shutdown can't
+    /// interleave between the check and the update.
+    stopping: std::sync::Arc<Mutex<bool>>,
+}
+
+impl Health {
+    /// The reporter and the gRPC service to mount. tonic-health starts `""`
+    /// as SERVING; we say NOT_SERVING until the first database check passes.
+    pub async fn new() -> (
+        Self,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let health = Self {
+            reporter,
+            stopping: Default::default(),
+        };
+        health.publish(false).await;
+        (health, service)
+    }
+
+    /// Reports whether the database answers (ignored once shutting down).
+    pub async fn set_serving(&self, serving: bool) {
+        let stopping = self.stopping.lock().await;
+        if !*stopping {
+            self.publish(serving).await;
+        }
+    }
+
+    /// NOT_SERVING for good: the server is shutting down.
+    pub async fn shut_down(&self) {
+        let mut stopping = self.stopping.lock().await;
+        *stopping = true;
+        self.publish(false).await;
+    }
+
+    async fn publish(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status(SERVICE_NAME, status).await;
+        metrics::record_serving(serving);
+    }
+}
+
+/// How often the database is checked, and how long a check may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Brings the database up, publishes it in `store`, then keeps `health` in
+/// step with it until `stop` turns true.
+pub async fn supervise_database(
+    database: DatabaseSettings,
+    probe: ProbeSettings,
+    store: store::Store,
+    health: Health,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(probe.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = false;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let answered = match store.get() {
+            None => match bring_up(&database).await {
+                Ok(db) => {
+                    store.set(db);
+                    tracing::info!(database = %database.redacted_url(), "database connected");
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        retry_in = ?probe.interval,
+                        "database not ready"
+                    );
+                    false
+                }
+            },
+            Some(db) => ping(db, probe.timeout).await,
+        };
+        if let Some(db) = store.get() {
+            metrics::record_pool(store::pool_stats(db));
+        }
+        if answered != serving {
+            if answered {
+                tracing::info!("database answers: SERVING");
+            } else {
+                tracing::warn!("database stopped answering: NOT_SERVING");
+            }
+            serving = answered;
+        }
+        health.set_serving(answered).await;
+    }
+}
+
+/// Connects and, when configured, migrates.
+pub async fn bring_up(database: &DatabaseSettings) -> anyhow::Result<DatabaseConnection> {
+    let db = store::connect(&database.database_url, &database.pool_options())
+        .await
+        .with_context(|| format!("connecting to {}", database.redacted_url()))?;
+    if database.migrate_on_start {
+        store::migrate(&db)
+            .await
+            .context("applying database migrations")?;
+    }
+    Ok(db)
+}
+
+async fn ping(db: &DatabaseConnection, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, store::ping(db)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "database ping failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(?timeout, "database ping timed out");
+            false
+        }
+    }
+}
