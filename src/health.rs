@@ -50,10 +50,19 @@ impl Health {
         }
     }
 
-    /// NOT_SERVING for good: the server is shutting down.
+    /// NOT_SERVING for good: the server is shutting down. Open Watch streams
+    /// get NOT_SERVING and then end: a graceful shutdown waits for every
+    /// stream to finish, and a Watch never would.
     pub async fn shut_down(&self) {
         let mut stopping = self.stopping.lock().await;
         *stopping = true;
+        self.publish(false).await;
+        // Dropping a status' sender ends the streams watching it...
+        let mut reporter = self.reporter.clone();
+        for service in ["", SERVICE_NAME] {
+            reporter.clear_service_status(service).await;
+        }
+        // ...and publishing again keeps Check answering NOT_SERVING.
         self.publish(false).await;
     }
 

@@ -26,7 +26,7 @@ async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<
     let app = Application::build(settings).await?;
     tracing::info!(
         addr = %app.local_addr(),
-        metrics = ?app.metrics_addr(),
+        metrics = %app.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
         database = %settings.database.redacted_url(),
         "serving customermapping.v1.CustomerMapping"
     );

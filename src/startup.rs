@@ -2,7 +2,7 @@
 //! background. Tests build the same `Application` on port 0 (see
 //! `tests/common`).
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -17,6 +17,9 @@ use crate::{
     proto, store,
     telemetry::metrics,
 };
+
+/// How long closing the pool may take at shutdown.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A bound server that has not started serving yet.
 pub struct Application {
@@ -100,15 +103,19 @@ impl Application {
         let metrics_server =
             metrics.map(|m| tokio::spawn(metrics::serve(m.listener, m.handle, stopped.clone())));
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        // grpcurl releases before 1.8.8 only speak v1alpha.
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        // Both reflection versions describe everything served, each other
+        // included; grpcurl releases before 1.8.8 only speak v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
         let service = CustomerMappingService::new(Mappings::new(store.clone()));
 
         let mut stopping = stopped.clone();
@@ -145,9 +152,14 @@ impl Application {
             let _ = metrics_server.await;
         }
         if let Some(db) = store.get() {
-            db.close_by_ref()
-                .await
-                .context("closing the database pool")?;
+            // Connections of RPCs cut off by the drain timeout may still be
+            // busy in the database; don't let them hold the exit hostage.
+            // Dropping them ends their sessions, which rolls their
+            // transactions back.
+            match tokio::time::timeout(POOL_CLOSE_TIMEOUT, db.close_by_ref()).await {
+                Ok(closed) => closed.context("closing the database pool")?,
+                Err(_) => tracing::warn!("database pool did not close in time; dropping it"),
+            }
         }
         Ok(())
     }

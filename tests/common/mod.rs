@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of it
 
+pub mod process;
 pub mod proxy;
 
 use std::{net::SocketAddr, time::Duration};
@@ -19,9 +20,8 @@ use customer_mapping::{
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Code, Status, transport::Channel};
-use tonic_health::{
-    ServingStatus,
-    pb::{HealthCheckRequest, health_client::HealthClient},
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use tonic_types::StatusExt;
 
@@ -54,6 +54,7 @@ macro_rules! on_both_databases {
 /// A running server and what a test needs to talk to it.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub client: Client,
     pub backend: Backend,
     pub database: TestDatabase,
@@ -109,12 +110,14 @@ pub async fn spawn_unready(
         .await
         .expect("the application builds");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = rx.await;
     }));
     TestApp {
         addr,
+        metrics_addr,
         client: connect(addr).await,
         backend,
         database,
