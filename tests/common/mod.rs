@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of it
 
+pub mod history;
 pub mod process;
 pub mod proxy;
 
@@ -231,19 +232,25 @@ impl TestApp {
 
     /// Every row of the table, read directly: `(user_id, stripe_customer_id)`.
     pub async fn rows(&self) -> Vec<(String, String)> {
-        use customer_mapping::store::entity::{Column, Entity};
-        use sea_orm::{EntityTrait, QueryOrder};
         let db = self.db().await;
-        let rows = Entity::find()
-            .order_by_asc(Column::UserId)
-            .all(&db)
-            .await
-            .expect("the table is readable");
+        let rows = read_rows(&db).await;
         db.close().await.expect("the connection closes");
-        rows.into_iter()
-            .map(|r| (r.user_id, r.stripe_customer_id))
-            .collect()
+        rows
     }
+}
+
+/// Every row of the table: `(user_id, stripe_customer_id)`, by user.
+pub async fn read_rows(db: &DatabaseConnection) -> Vec<(String, String)> {
+    use customer_mapping::store::entity::{Column, Entity};
+    use sea_orm::{EntityTrait, QueryOrder};
+    Entity::find()
+        .order_by_asc(Column::UserId)
+        .all(db)
+        .await
+        .expect("the table is readable")
+        .into_iter()
+        .map(|r| (r.user_id, r.stripe_customer_id))
+        .collect()
 }
 
 impl Drop for TestApp {

@@ -1,0 +1,146 @@
+//! Concurrent clients' histories are linearizable against the sequential
+//! model of the service, on each database and across replicas. The checker
+//! is proven first on hand-made histories.
+
+mod common;
+
+use std::{collections::HashSet, time::Instant};
+
+use common::{
+    Backend, TestDatabase,
+    history::{self, Event, History, Load, Model, Op, Outcome, linearize},
+    process::ServerProcess,
+};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn event(op: Op, outcome: Outcome, invoked: u64, completed: u64) -> Event {
+    Event {
+        op,
+        outcome,
+        invoked,
+        completed,
+    }
+}
+
+fn history(events: Vec<Event>) -> History {
+    History { events }
+}
+
+#[test]
+fn checker_accepts_concurrent_links_with_one_winner() {
+    // Two overlapping Links of user 0: the second saw the first's mapping.
+    let h = history(vec![
+        event(Op::Link(0, 0), Outcome::Created, 0, 10),
+        event(Op::Link(0, 1), Outcome::UserTaken(0), 5, 15),
+        event(Op::GetByCustomer(0), Outcome::Mapping(0, 0), 20, 30),
+    ]);
+    let end = linearize(&h, Model::new(2), None).expect("linearizable");
+    assert_eq!(end.pairs(), HashSet::from([(0, 0)]));
+}
+
+#[test]
+fn checker_rejects_two_winners_for_one_user() {
+    let h = history(vec![
+        event(Op::Link(0, 0), Outcome::Created, 0, 10),
+        event(Op::Link(0, 1), Outcome::Created, 5, 15),
+    ]);
+    assert!(linearize(&h, Model::new(2), None).is_none());
+}
+
+#[test]
+fn checker_rejects_the_debt_015_race() {
+    // The replaced code answered "already linked" to A's pair when the user
+    // was in fact linked to B's customer.
+    let h = history(vec![
+        event(Op::Link(0, 1), Outcome::Created, 0, 10),
+        event(Op::Link(0, 0), Outcome::AlreadyLinked, 5, 15),
+    ]);
+    assert!(linearize(&h, Model::new(2), None).is_none());
+}
+
+#[test]
+fn checker_rejects_a_stale_read_after_an_acknowledged_unlink() {
+    let h = history(vec![
+        event(Op::Link(0, 0), Outcome::Created, 0, 1),
+        event(Op::UnlinkByCustomer(0), Outcome::Mapping(0, 0), 2, 3),
+        event(Op::GetByUser(0), Outcome::Mapping(0, 0), 4, 5),
+    ]);
+    assert!(linearize(&h, Model::new(1), None).is_none());
+}
+
+#[test]
+fn checker_lets_unknown_operations_happen_or_not() {
+    let link = event(Op::Link(0, 0), Outcome::Unknown, 0, u64::MAX);
+    for seen in [Outcome::Mapping(0, 0), Outcome::NotFound] {
+        let h = history(vec![link, event(Op::GetByUser(0), seen, 5, 6)]);
+        assert!(linearize(&h, Model::new(1), None).is_some(), "{seen:?}");
+    }
+    // ...but not before it was invoked.
+    let h = history(vec![
+        event(Op::GetByUser(0), Outcome::Mapping(0, 0), 0, 1),
+        event(Op::Link(0, 0), Outcome::Unknown, 5, u64::MAX),
+    ]);
+    assert!(linearize(&h, Model::new(1), None).is_none());
+}
+
+#[test]
+fn checker_holds_the_final_table_to_the_history() {
+    let h = history(vec![event(Op::Link(0, 0), Outcome::Created, 0, 1)]);
+    // An acknowledged Link that is not in the table was lost.
+    assert!(linearize(&h, Model::new(1), Some(&HashSet::new())).is_none());
+    assert!(linearize(&h, Model::new(1), Some(&HashSet::from([(0, 0)]))).is_some());
+}
+
+async fn concurrent_history_is_linearizable(app: common::TestApp) {
+    let seed: u64 = rand::random();
+    let load = Load::small(seed);
+    let history = history::run_load(&[app.addr], load, Instant::now(), None).await;
+    let table = history::table_pairs(app.rows().await);
+    history::assert_linearizable(
+        &format!("{:?} single server (seed {seed})", app.backend),
+        &history,
+        load.users,
+        &table,
+    );
+    assert_eq!(history.unknown(), 0, "no faults, so every answer is known");
+}
+
+on_both_databases!(concurrent_history_is_linearizable);
+
+/// Three server processes sharing one PostgreSQL database, clients spread
+/// over them: the database is the only shared state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_database_are_linearizable() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let replicas: Vec<ServerProcess> = (0..3)
+        .map(|_| {
+            ServerProcess::start(&[
+                ("DATABASE_URL", &database.url),
+                ("DATABASE_MAX_CONNECTIONS", "4"),
+            ])
+        })
+        .collect();
+    for replica in &replicas {
+        common::wait_for_health(replica.addr, "", ServingStatus::Serving).await;
+    }
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    let seed: u64 = rand::random();
+    let load = Load {
+        clients: 9,
+        ..Load::small(seed)
+    };
+
+    let history = history::run_load(&addrs, load, Instant::now(), None).await;
+
+    let db = sea_orm::Database::connect(&database.url)
+        .await
+        .expect("connect");
+    let rows = common::read_rows(&db).await;
+    history::assert_linearizable(
+        &format!("3 replicas (seed {seed})"),
+        &history,
+        load.users,
+        &history::table_pairs(rows),
+    );
+    assert_eq!(history.unknown(), 0);
+}
