@@ -67,14 +67,63 @@ impl Mappings {
         user_id: UserId,
         stripe_customer_id: StripeCustomerId,
     ) -> Result<Linked, Error> {
-        // PostgreSQL keeps microseconds; truncating here makes the reply of
-        // the creating call equal to every later read.
-        let now = Utc::now().trunc_subsecs(6);
-        let db = self.db()?;
-        for _ in 0..MAX_LINK_ATTEMPTS {
-            let rows = match store::try_link(db, user_id.as_str(), stripe_customer_id.as_str(), now)
-                .await?
-            {
+        let db = self.db()?.clone();
+        run_to_completion(async move { link(&db, user_id, stripe_customer_id).await }).await
+    }
+
+    /// The mapping holding `key`.
+    pub async fn get(&self, key: &Key) -> Result<Mapping, Error> {
+        let (db, key) = (self.db()?.clone(), key.clone());
+        run_to_completion(async move {
+            let row = match &key {
+                Key::User(id) => store::find_by_user_id(&db, id.as_str()).await?,
+                Key::Customer(id) => store::find_by_stripe_customer_id(&db, id.as_str()).await?,
+            };
+            row.ok_or(Error::NotFound(key))?.try_into()
+        })
+        .await
+    }
+
+    /// Removes the mapping holding `key` and returns it.
+    pub async fn unlink(&self, key: &Key) -> Result<Mapping, Error> {
+        let (db, key) = (self.db()?.clone(), key.clone());
+        run_to_completion(async move {
+            let row = match &key {
+                Key::User(id) => store::delete_by_user_id(&db, id.as_str()).await?,
+                Key::Customer(id) => store::delete_by_stripe_customer_id(&db, id.as_str()).await?,
+            };
+            row.ok_or(Error::NotFound(key))?.try_into()
+        })
+        .await
+    }
+}
+
+/// Runs database work in its own task so that it always finishes, even when
+/// the caller goes away (deadline, cancellation, disconnect) and drops the
+/// RPC's future. Dropping database futures half-way leaves connections with
+/// half-read replies and transactions whose fate depends on cleanup code in
+/// the driver; under a slow database with short deadlines that showed up as
+/// an acknowledged Unlink whose row came back (`tests/faults.rs`). Finishing
+/// the work costs at most one statement's time after the caller left.
+async fn run_to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(work)
+        .await
+        .map_err(|join| Error::Internal(Box::new(join)))?
+}
+
+async fn link(
+    db: &DatabaseConnection,
+    user_id: UserId,
+    stripe_customer_id: StripeCustomerId,
+) -> Result<Linked, Error> {
+    // PostgreSQL keeps microseconds; truncating here makes the reply of
+    // the creating call equal to every later read.
+    let now = Utc::now().trunc_subsecs(6);
+    for _ in 0..MAX_LINK_ATTEMPTS {
+        let rows =
+            match store::try_link(db, user_id.as_str(), stripe_customer_id.as_str(), now).await? {
                 LinkAttempt::Created(row) => {
                     return Ok(Linked {
                         mapping: row.try_into()?,
@@ -84,47 +133,26 @@ impl Mappings {
                 LinkAttempt::Conflicts(rows) => rows,
                 LinkAttempt::RolledBack => continue,
             };
-            // A row holding our user decides first: that is the question a
-            // caller linking a user asks ("who is my customer?").
-            if let Some(row) = rows.iter().find(|r| r.user_id == user_id.as_str()) {
-                let existing: Mapping = row.clone().try_into()?;
-                return if existing.stripe_customer_id == stripe_customer_id {
-                    Ok(Linked {
-                        mapping: existing,
-                        created: false,
-                    })
-                } else {
-                    Err(Error::UserAlreadyLinked(existing))
-                };
-            }
-            if let Some(row) = rows.into_iter().next() {
-                return Err(Error::CustomerAlreadyLinked(row.try_into()?));
-            }
-            // The conflicting row was unlinked between our insert and our
-            // read: nothing holds either key any more, so try again.
+        // A row holding our user decides first: that is the question a
+        // caller linking a user asks ("who is my customer?").
+        if let Some(row) = rows.iter().find(|r| r.user_id == user_id.as_str()) {
+            let existing: Mapping = row.clone().try_into()?;
+            return if existing.stripe_customer_id == stripe_customer_id {
+                Ok(Linked {
+                    mapping: existing,
+                    created: false,
+                })
+            } else {
+                Err(Error::UserAlreadyLinked(existing))
+            };
         }
-        Err(Error::Contended)
+        if let Some(row) = rows.into_iter().next() {
+            return Err(Error::CustomerAlreadyLinked(row.try_into()?));
+        }
+        // The conflicting row was unlinked between our insert and our
+        // read: nothing holds either key any more, so try again.
     }
-
-    /// The mapping holding `key`.
-    pub async fn get(&self, key: &Key) -> Result<Mapping, Error> {
-        let db = self.db()?;
-        let row = match key {
-            Key::User(id) => store::find_by_user_id(db, id.as_str()).await?,
-            Key::Customer(id) => store::find_by_stripe_customer_id(db, id.as_str()).await?,
-        };
-        row.ok_or_else(|| Error::NotFound(key.clone()))?.try_into()
-    }
-
-    /// Removes the mapping holding `key` and returns it.
-    pub async fn unlink(&self, key: &Key) -> Result<Mapping, Error> {
-        let db = self.db()?;
-        let row = match key {
-            Key::User(id) => store::delete_by_user_id(db, id.as_str()).await?,
-            Key::Customer(id) => store::delete_by_stripe_customer_id(db, id.as_str()).await?,
-        };
-        row.ok_or_else(|| Error::NotFound(key.clone()))?.try_into()
-    }
+    Err(Error::Contended)
 }
 
 impl TryFrom<Model> for Mapping {

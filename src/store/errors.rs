@@ -21,6 +21,27 @@ pub fn is_rolled_back_by_database(err: &DbErr) -> bool {
     pg_code(err).is_some_and(|code| code == "40001" || code == "40P01")
 }
 
+/// The connection broke (reset, or ended by the server) in the middle of a
+/// transaction. Before COMMIT was sent this is safe to retry on another
+/// connection: the server rolls back a transaction whose session died.
+pub fn is_connection_lost(err: &DbErr) -> bool {
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            match e.as_ref() {
+                sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some_and(|pg| {
+                        let code = pg.code();
+                        code.starts_with("08") || code.starts_with("57P")
+                    }),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
 /// Errors that say "the database is not answering right now", as opposed to
 /// "this request or this code is wrong".
 fn is_unavailable(err: &DbErr) -> bool {

@@ -12,14 +12,14 @@ use std::{
 use chrono::{DateTime, Utc};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr,
-    EntityTrait, QueryFilter, QueryTrait, Set, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryTrait, Set, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
     sea_query::{InsertStatement, OnConflict},
 };
 
 use entity::{ActiveModel, Column, Entity as StripeCustomers, Model};
-pub use errors::is_rolled_back_by_database;
+pub use errors::{is_connection_lost, is_rolled_back_by_database};
 
 /// Pool settings, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -109,8 +109,9 @@ pub enum LinkAttempt {
     /// The insert conflicted; these are the committed rows holding the user
     /// or the customer when read. Empty when they were unlinked in between.
     Conflicts(Vec<Model>),
-    /// The database rolled the transaction back (deadlock or serialization
-    /// failure): nothing was written and the attempt can be repeated.
+    /// The transaction was rolled back before COMMIT (deadlock, serialization
+    /// failure, or its connection died): nothing was written and the attempt
+    /// can be repeated.
     RolledBack,
 }
 
@@ -144,32 +145,44 @@ pub async fn try_link(
     stripe_customer_id: &str,
     created_at: DateTime<Utc>,
 ) -> Result<LinkAttempt, DbErr> {
-    match try_link_in_transaction(db, user_id, stripe_customer_id, created_at).await {
-        Err(err) if is_rolled_back_by_database(&err) => Ok(LinkAttempt::RolledBack),
-        other => other,
-    }
+    let in_transaction = async {
+        let txn = db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        let attempt = link_statements(&txn, user_id, stripe_customer_id, created_at).await?;
+        Ok::<_, DbErr>((txn, attempt))
+    };
+    let (txn, attempt) = match in_transaction.await {
+        Ok(done) => done,
+        // Nothing was committed: the database rolled back (contention) or
+        // the session died with its transaction. Safe to run again.
+        Err(err) if is_rolled_back_by_database(&err) || is_connection_lost(&err) => {
+            tracing::debug!(error = %err, "link attempt rolled back; retrying");
+            return Ok(LinkAttempt::RolledBack);
+        }
+        Err(err) => return Err(err),
+    };
+    // Not retried: once COMMIT is sent it may have taken effect, and a
+    // second attempt would report `created = false` for our own insert.
+    txn.commit().await?;
+    Ok(attempt)
 }
 
-async fn try_link_in_transaction(
-    db: &DatabaseConnection,
+async fn link_statements(
+    txn: &DatabaseTransaction,
     user_id: &str,
     stripe_customer_id: &str,
     created_at: DateTime<Utc>,
 ) -> Result<LinkAttempt, DbErr> {
-    let txn = db
-        .begin_with_options(TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..Default::default()
-        })
-        .await?;
-
     let insert = insert_unless_either_key_taken(user_id, stripe_customer_id, created_at);
     let inserted = StripeCustomers::find()
         .from_raw_sql(txn.get_database_backend().build(&insert))
-        .one(&txn)
+        .one(txn)
         .await?;
-
-    let attempt = match inserted {
+    Ok(match inserted {
         Some(model) => LinkAttempt::Created(model),
         None => LinkAttempt::Conflicts(
             StripeCustomers::find()
@@ -178,12 +191,10 @@ async fn try_link_in_transaction(
                         .add(Column::UserId.eq(user_id))
                         .add(Column::StripeCustomerId.eq(stripe_customer_id)),
                 )
-                .all(&txn)
+                .all(txn)
                 .await?,
         ),
-    };
-    txn.commit().await?;
-    Ok(attempt)
+    })
 }
 
 /// `INSERT ... ON CONFLICT DO NOTHING RETURNING *`, with no conflict target
