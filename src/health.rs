@@ -123,6 +123,7 @@ pub async fn supervise_database(
         if let Some(db) = store.get() {
             metrics::record_pool(store::pool_stats(db));
         }
+        // Publish changes only: every publication wakes every Watch stream.
         if answered != serving {
             if answered {
                 tracing::info!("database answers: SERVING");
@@ -130,8 +131,8 @@ pub async fn supervise_database(
                 tracing::warn!("database stopped answering: NOT_SERVING");
             }
             serving = answered;
+            health.set_serving(answered).await;
         }
-        health.set_serving(answered).await;
     }
 }
 
