@@ -12,8 +12,19 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+/// See [`run_load`].
+const PAUSE_AFTER_UNKNOWN: Duration = Duration::from_millis(100);
+
+/// A bound on the search, so that a history too indeterminate to check
+/// fails the test with a reason instead of exhausting memory.
+const MAX_SEARCH_STATES: usize = 2_000_000;
 
 use customer_mapping::proto::{
     GetRequest, LinkRequest, UnlinkRequest, customer_mapping_client::CustomerMappingClient,
@@ -181,6 +192,12 @@ pub fn linearize(
         if !seen.insert((done.clone(), state.clone())) {
             continue;
         }
+        assert!(
+            seen.len() < MAX_SEARCH_STATES,
+            "the checker gave up after {MAX_SEARCH_STATES} states ({} unknown operations): \
+             the scenario produces too many indeterminate operations to check",
+            n - required
+        );
         // An operation may go next iff no pending operation completed before
         // it was invoked.
         let horizon = events
@@ -199,6 +216,11 @@ pub fn linearize(
             }
             let mut next = state.clone();
             let answer = next.apply(event.op);
+            if event.outcome == Outcome::Unknown && next == state {
+                // Happening now would change nothing: leave it pending, it
+                // may still take effect later (or never).
+                continue;
+            }
             if event.outcome != Outcome::Unknown && answer != event.outcome {
                 continue;
             }
@@ -218,7 +240,8 @@ pub struct Load {
     pub operations_per_client: usize,
     pub users: usize,
     pub customers: usize,
-    /// Per-call deadline; a call past it counts as unknown.
+    /// Longest per-call deadline; each call draws its own between an eighth
+    /// of this and this. A call past it counts as unknown.
     pub deadline: Duration,
     pub seed: u64,
 }
@@ -237,15 +260,19 @@ impl Load {
 }
 
 /// Runs `load` with clients spread over `addrs` (one HTTP/2 connection each)
-/// and returns what they saw. Stops early, per client, once `until` passes.
+/// and returns what they saw. Each client stops early once `stop` is set.
+/// After an unknown outcome a client pauses briefly: during an outage that
+/// keeps the number of "may or may not have happened" operations, which the
+/// checker must try both ways, small.
 pub async fn run_load(
     addrs: &[SocketAddr],
     load: Load,
     started: Instant,
-    until: Option<Instant>,
+    stop: Option<Arc<AtomicBool>>,
 ) -> History {
     let clients = (0..load.clients).map(|i| {
         let addr = addrs[i % addrs.len()];
+        let stop = stop.clone();
         tokio::spawn(async move {
             let channel = Channel::from_shared(format!("http://{addr}"))
                 .expect("a URI")
@@ -254,7 +281,10 @@ pub async fn run_load(
             let mut rng = StdRng::seed_from_u64(load.seed.wrapping_add(i as u64));
             let mut history = History::default();
             for _ in 0..load.operations_per_client {
-                if until.is_some_and(|until| Instant::now() >= until) {
+                if stop
+                    .as_ref()
+                    .is_some_and(|stop| stop.load(Ordering::Relaxed))
+                {
                     break;
                 }
                 let u = rng.random_range(0..load.users) as Key;
@@ -266,9 +296,11 @@ pub async fn run_load(
                     6..=7 => Op::UnlinkByUser(u),
                     _ => Op::UnlinkByCustomer(c),
                 };
+                let deadline = rng.random_range(load.deadline / 8..=load.deadline);
                 let invoked = started.elapsed().as_nanos() as u64;
-                let outcome = call(&mut client, op, load.deadline).await;
+                let outcome = call(&mut client, op, deadline).await;
                 let completed = if outcome == Outcome::Unknown {
+                    tokio::time::sleep(PAUSE_AFTER_UNKNOWN).await;
                     u64::MAX
                 } else {
                     started.elapsed().as_nanos() as u64
@@ -419,12 +451,32 @@ pub fn assert_linearizable(
 ) -> (usize, usize) {
     let total = history.events.len();
     let unknown = history.unknown();
-    assert!(
-        linearize(history, Model::new(users), Some(table)).is_some(),
-        "{scenario}: history of {total} operations ({unknown} unknown) is not linearizable \
-         with final table {table:?}:\n{:#?}",
-        history.events
-    );
+    if linearize(history, Model::new(users), Some(table)).is_none() {
+        let mut events = history.events.clone();
+        events.sort_by_key(|e| e.invoked);
+        let listing: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let completed = if e.completed == u64::MAX {
+                    "?".to_owned()
+                } else {
+                    format!("{:.3}", e.completed as f64 / 1e6)
+                };
+                format!(
+                    "{:>10.3} .. {:>10} ms  {:?} -> {:?}",
+                    e.invoked as f64 / 1e6,
+                    completed,
+                    e.op,
+                    e.outcome
+                )
+            })
+            .collect();
+        panic!(
+            "{scenario}: history of {total} operations ({unknown} unknown) is not linearizable \
+             with final table {table:?}:\n{}",
+            listing.join("\n")
+        );
+    }
     eprintln!("{scenario}: {total} operations checked, {unknown} indeterminate: linearizable");
     (total, unknown)
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses a different part of it
 
 pub mod history;
+pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
 
@@ -361,6 +362,7 @@ pub struct TestDatabase {
 enum DatabaseKind {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
     Postgres { admin_url: String, name: String },
+    External,
 }
 
 /// Where the PostgreSQL server for tests is: `TEST_DATABASE_URL`, or the
@@ -371,6 +373,14 @@ pub fn postgres_admin_url() -> String {
 }
 
 impl TestDatabase {
+    /// A database the test does not own (e.g. in a private cluster).
+    pub fn external(url: String) -> Self {
+        Self {
+            url,
+            kind: DatabaseKind::External,
+        }
+    }
+
     pub async fn create(backend: Backend) -> Self {
         match backend {
             Backend::Sqlite => {

@@ -1,9 +1,17 @@
 //! A TCP proxy a test can cut and restore, to make a real database
 //! unreachable without touching the database server.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -12,6 +20,7 @@ use tokio::{
 pub struct Proxy {
     addr: SocketAddr,
     open: watch::Sender<bool>,
+    delay_ms: Arc<AtomicU64>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -22,6 +31,8 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let (open, _) = watch::channel(true);
         let state = open.clone();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
         let accept_loop = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 // While cut, accept and close at once: the peer sees a reset
@@ -30,13 +41,16 @@ impl Proxy {
                     continue;
                 }
                 let mut open = state.subscribe();
+                let delay = delay.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    let (mut client, mut server) = (client, server);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = pump(client_read, server_write, delay.clone()) => {}
+                        () = pump(server_read, client_write, delay) => {}
                         _ = open.wait_for(|open| !*open) => {}
                     }
                 });
@@ -45,8 +59,16 @@ impl Proxy {
         Self {
             addr,
             open,
+            delay_ms,
             accept_loop,
         }
+    }
+
+    /// Holds every chunk of data, both ways, for `delay` before passing it
+    /// on: a database that answers slowly.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -67,6 +89,28 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept_loop.abort();
+    }
+}
+
+/// Copies one direction until either side closes, delaying each chunk.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    delay_ms: Arc<AtomicU64>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let delay = delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
