@@ -6,17 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestApp, TestDatabase, proxy::Proxy};
-use sea_orm::{ConnectionTrait, TransactionTrait};
+use common::{Backend, TestApp, proxy::Proxy};
+use sea_orm::ConnectionTrait;
 use tonic::Code;
 
 /// Postgres behind a proxy the test can cut, with short timeouts.
 async fn spawn_behind_proxy() -> (TestApp, Proxy) {
-    let database = TestDatabase::create(Backend::Postgres).await;
-    let proxy = Proxy::start(common::proxy::upstream_of(&database.url).await).await;
-    let mut settings = common::test_settings(common::proxy::through(&database.url, &proxy));
-    settings.database.database_acquire_timeout = Duration::from_millis(500);
-    settings.database.database_connect_timeout = Duration::from_millis(500);
+    let (database, proxy, settings) = common::postgres_behind_proxy().await;
     (
         common::spawn_on(Backend::Postgres, database, settings).await,
         proxy,
@@ -82,15 +78,12 @@ async fn exhausted_postgres_pool_is_unavailable() {
     // Hold the table lock from outside so that the one pooled connection is
     // stuck in the first Link...
     let outside = app.db().await;
-    let lock = outside.begin().await.expect("begin");
-    lock.execute_unprepared("LOCK TABLE stripe_customers IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock");
+    let lock = common::pg::lock_table(&outside).await;
     let stuck = tokio::spawn({
         let mut client = app.new_client().await;
         async move { common::link(&mut client, "user-1", "cus_A1").await }
     });
-    wait_until_a_backend_waits_on_a_lock(&outside).await;
+    common::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
 
     // ...and a second call finds no connection to acquire.
     let status = app.get_by_user("user-0").await.expect_err("pool exhausted");
@@ -103,26 +96,6 @@ async fn exhausted_postgres_pool_is_unavailable() {
         .expect("no panic")
         .expect("the stuck Link completes");
     assert!(reply.created);
-}
-
-async fn wait_until_a_backend_waits_on_a_lock(db: &sea_orm::DatabaseConnection) {
-    let query = "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    for _ in 0..500 {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                query,
-            ))
-            .await
-            .expect("pg_stat_activity")
-            .expect("one row");
-        if row.try_get::<i64>("", "n").expect("count") > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the Link never reached the lock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

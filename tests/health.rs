@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestDatabase, proxy::Proxy};
+use common::Backend;
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -42,12 +42,8 @@ async fn next_status(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_database_from_start_through_outages() {
     // The database is unreachable before the server even starts.
-    let database = TestDatabase::create(Backend::Postgres).await;
-    let proxy = Proxy::start(common::proxy::upstream_of(&database.url).await).await;
+    let (database, proxy, settings) = common::postgres_behind_proxy().await;
     proxy.cut();
-    let mut settings = common::test_settings(common::proxy::through(&database.url, &proxy));
-    settings.database.database_connect_timeout = Duration::from_millis(500);
-    settings.database.database_acquire_timeout = Duration::from_millis(500);
     let app = common::spawn_unready(Backend::Postgres, database, settings).await;
 
     // It serves anyway: health NOT_SERVING for both names, RPCs UNAVAILABLE.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Backend, TestDatabase, process::ServerProcess};
 use customer_mapping::proto::LinkRequest;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
+use sea_orm::Database;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -23,35 +23,6 @@ fn with_password(url: &str) -> String {
     url.set_password(Some("s3cret-pw"))
         .expect("a password fits");
     url.to_string()
-}
-
-/// Blocks the table so that Links wait inside the database.
-async fn lock_table(db: &DatabaseConnection) -> sea_orm::DatabaseTransaction {
-    let lock = db.begin().await.expect("begin");
-    lock.execute_unprepared("LOCK TABLE stripe_customers IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock");
-    lock
-}
-
-async fn wait_until_backends_wait_on_a_lock(db: &DatabaseConnection, n: i64) {
-    let query = "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    for _ in 0..1000 {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                query,
-            ))
-            .await
-            .expect("pg_stat_activity")
-            .expect("one row");
-        if row.try_get::<i64>("", "n").expect("count") >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{n} RPCs never reached the database lock");
 }
 
 fn spawn_links(
@@ -105,9 +76,9 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
 
     // Slow in-flight calls: they wait on a table lock held by the test.
     let outside = Database::connect(&database.url).await.expect("connect");
-    let lock = lock_table(&outside).await;
+    let lock = common::pg::lock_table(&outside).await;
     let links = spawn_links(&server, IN_FLIGHT);
-    wait_until_backends_wait_on_a_lock(&outside, IN_FLIGHT as i64).await;
+    common::pg::wait_until_sessions_wait_on_a_lock(&outside, IN_FLIGHT as i64).await;
 
     server.sigterm();
 
@@ -154,15 +125,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     // Done draining as soon as the calls were: the open Watch stream did not
     // keep it waiting for the 10 s drain timeout.
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
-    let rows = outside
-        .query_one_raw(sea_orm::Statement::from_string(
-            outside.get_database_backend(),
-            "SELECT count(*) AS n FROM stripe_customers",
-        ))
-        .await
-        .expect("count")
-        .expect("a row");
-    assert_eq!(rows.try_get::<i64>("", "n").expect("n"), IN_FLIGHT as i64);
+    assert_eq!(common::pg::rows_in_table(&outside).await, IN_FLIGHT as i64);
 
     // One log line per RPC with method, code, latency and request id.
     let events = server.events();
@@ -202,9 +165,9 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
     common::wait_for_health(server.addr, "", ServingStatus::Serving).await;
 
     let outside = Database::connect(&database.url).await.expect("connect");
-    let lock = lock_table(&outside).await;
+    let lock = common::pg::lock_table(&outside).await;
     let links = spawn_links(&server, 1);
-    wait_until_backends_wait_on_a_lock(&outside, 1).await;
+    common::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
 
     server.sigterm();
     let mut server = server;
@@ -227,14 +190,6 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
     }
     // The cut Link's transaction died with its connection: nothing written.
     lock.rollback().await.expect("unlock");
-    let rows = outside
-        .query_one_raw(sea_orm::Statement::from_string(
-            outside.get_database_backend(),
-            "SELECT count(*) AS n FROM stripe_customers",
-        ))
-        .await
-        .expect("count")
-        .expect("a row");
-    assert_eq!(rows.try_get::<i64>("", "n").expect("n"), 0);
+    assert_eq!(common::pg::rows_in_table(&outside).await, 0);
     outside.close().await.expect("close");
 }

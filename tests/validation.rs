@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestApp, assert_invalid, proxy::Proxy};
+use common::{TestApp, assert_invalid};
 use customer_mapping::proto::{GetRequest, UnlinkRequest, get_request, unlink_request};
 
 const VALID_USER: &str = "user-1";
@@ -138,11 +138,7 @@ async fn get_and_unlink_refuse_malformed_keys(app: TestApp) {
 /// INVALID_ARGUMENT, not UNAVAILABLE: validation happens first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validation_does_not_touch_the_database() {
-    let database = common::TestDatabase::create(common::Backend::Postgres).await;
-    let proxy = Proxy::start(common::proxy::upstream_of(&database.url).await).await;
-    let mut settings = common::test_settings(common::proxy::through(&database.url, &proxy));
-    settings.database.database_acquire_timeout = std::time::Duration::from_millis(500);
-    settings.database.database_connect_timeout = std::time::Duration::from_millis(500);
+    let (database, proxy, settings) = common::postgres_behind_proxy().await;
     let app = common::spawn_on(common::Backend::Postgres, database, settings).await;
 
     proxy.cut();

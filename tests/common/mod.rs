@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses a different part of it
 
 pub mod history;
+pub mod pg;
 pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
@@ -74,6 +75,17 @@ pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Settings)
     let mut settings = test_settings(database.url.clone());
     adjust(&mut settings);
     spawn_on(backend, database, settings).await
+}
+
+/// A fresh PostgreSQL database reached through a proxy the test can cut or
+/// slow down, with short pool timeouts so that an outage shows at once.
+pub async fn postgres_behind_proxy() -> (TestDatabase, proxy::Proxy, Settings) {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let proxy = proxy::Proxy::start(proxy::upstream_of(&database.url).await).await;
+    let mut settings = test_settings(proxy::through(&database.url, &proxy));
+    settings.database.database_acquire_timeout = Duration::from_millis(500);
+    settings.database.database_connect_timeout = Duration::from_millis(500);
+    (database, proxy, settings)
 }
 
 /// Settings for tests: port 0, a small pool (PostgreSQL allows 100
