@@ -45,6 +45,11 @@ pub async fn connect(url: &str, options: &PoolOptions) -> Result<DatabaseConnect
         .connect_timeout(options.connect_timeout)
         // Statement logging would put SQL and values in the log.
         .sqlx_logging(false)
+        // sqlx pings every connection it hands out by default: one extra
+        // round trip per query. Only connections idle for a while are
+        // checked now; one that broke since its last use fails its query
+        // instead, which Link retries and Get/Unlink report as UNAVAILABLE.
+        .test_before_acquire_if_idle_for(Duration::from_secs(5))
         .map_sqlx_sqlite_opts(move |o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
