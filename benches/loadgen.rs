@@ -1,0 +1,725 @@
+//! Load generator: the service against the database's own ceiling.
+//!
+//! For each database it starts the release server as a child process, loads
+//! the table, and for every scenario and concurrency runs the same work
+//! twice: through gRPC against the service, and as the service's SQL sent
+//! straight to the database (prepared statements, same concurrency, same
+//! pool size): the ceiling no service can beat. It prints both and their
+//! ratio, the server's peak RSS and its time from start to health SERVING.
+//!
+//!     cargo bench --bench loadgen -- --help
+//!     cargo bench --bench loadgen -- --database postgres --in-flight 32
+//!     cargo bench --bench loadgen -- --smoke          # a few seconds, CI
+//!
+//! Round trips per Link, on both paths: BEGIN, INSERT ... ON CONFLICT DO
+//! NOTHING RETURNING, COMMIT (3) when it creates; one more, the SELECT of the
+//! conflicting rows, when it does not (4). An atomic Link cannot do with
+//! fewer inside a transaction: the insert must be arbitrated by the unique
+//! indexes, and the answer to a conflict must be read after it (see
+//! `store::try_link`). Get and Unlink are one statement each.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, ValueEnum};
+use customer_mapping::proto::{
+    GetRequest, LinkRequest, UnlinkRequest, customer_mapping_client::CustomerMappingClient,
+    get_request, unlink_request,
+};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use sea_orm::sqlx::{self, Row};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// A pool straight to the database, bypassing the service.
+#[derive(Clone)]
+enum Pool {
+    Pg(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// Runs the same code on either pool (their types differ, the SQL doesn't).
+macro_rules! on_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Pg($p) => $body,
+            Pool::Sqlite($p) => $body,
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Db {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Random hits by user id and by customer id over the preloaded rows.
+    Get,
+    /// Links of fresh pairs.
+    LinkNew,
+    /// Idempotent repeats of existing pairs.
+    LinkReplay,
+    /// Links that get ALREADY_EXISTS.
+    LinkConflict,
+    /// 90% get, 5% link-new, 5% unlink then relink.
+    Mixed,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "customer-mapping load generator: the service vs. direct SQL")]
+struct Args {
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [Db::Postgres, Db::Sqlite])]
+    database: Vec<Db>,
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [Scenario::Get, Scenario::LinkNew, Scenario::LinkReplay, Scenario::LinkConflict, Scenario::Mixed])]
+    scenario: Vec<Scenario>,
+    /// Requests in flight (one list entry per run).
+    #[arg(long, num_args = 1.., default_values_t = [32])]
+    in_flight: Vec<usize>,
+    /// HTTP/2 connections the requests are spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Database pool size, for the server and for the direct-SQL ceiling.
+    #[arg(long, default_value_t = 10)]
+    pool_size: u32,
+    /// Measured time per run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before each run.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Mappings preloaded before the runs.
+    #[arg(long, default_value_t = 10_000)]
+    rows: u64,
+    /// Print one JSON object per run instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Extra environment for the server, e.g. `RUST_LOG=warn` (repeatable).
+    #[arg(long, value_parser = parse_env)]
+    server_env: Vec<(String, String)>,
+    /// A few seconds of everything, small: proves the tool works (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn parse_env(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {raw:?}"))
+}
+
+/// What one run measured.
+#[derive(Debug)]
+struct Measured {
+    ops: u64,
+    seconds: f64,
+    latency_us: Histogram<u64>,
+    codes: BTreeMap<String, u64>,
+}
+
+impl Measured {
+    fn throughput(&self) -> f64 {
+        self.ops as f64 / self.seconds
+    }
+    fn quantile_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.duration = Duration::from_millis(500);
+        args.warmup = Duration::from_millis(100);
+        args.rows = args.rows.min(1000);
+        args.in_flight = vec![8];
+    }
+    if !args.json {
+        println!(
+            "{:<9} {:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8} {:>6} {:>6}  codes",
+            "database",
+            "scenario",
+            "inflt",
+            "ops/s",
+            "p50ms",
+            "p90ms",
+            "p99ms",
+            "p999ms",
+            "maxms",
+            "sql ops/s",
+            "sql p99",
+            "tput",
+            "p99"
+        );
+    }
+    for &db in &args.database {
+        run_database(db, &args).await?;
+    }
+    Ok(())
+}
+
+async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
+    let database = BenchDatabase::create(db).await?;
+    let started = Instant::now();
+    let mut server = Server::start(&database.url, args.pool_size, &args.server_env)?;
+    let addr = server.addr;
+    wait_serving(addr).await?;
+    let startup = started.elapsed();
+    let ceiling = database.pool(args.pool_size).await?;
+    preload(&ceiling, args.rows).await?;
+
+    let channels = (0..args.connections)
+        .map(|_| {
+            Channel::from_shared(format!("http://{addr}"))
+                .map(|c| c.connect_lazy())
+                .map_err(anyhow::Error::from)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let fresh = Arc::new(AtomicU64::new(0));
+
+    for &scenario in &args.scenario {
+        for &in_flight in &args.in_flight {
+            let service = measure(args, in_flight, {
+                let (channels, fresh) = (channels.clone(), fresh.clone());
+                let rows = args.rows;
+                move |task, rng| {
+                    let mut client =
+                        CustomerMappingClient::new(channels[task % channels.len()].clone());
+                    let fresh = fresh.clone();
+                    let op = Op::draw(scenario, rows, &fresh, rng);
+                    async move { op.via_grpc(&mut client).await }
+                }
+            })
+            .await;
+            let direct = measure(args, in_flight, {
+                let (pool, fresh) = (ceiling.clone(), fresh.clone());
+                let rows = args.rows;
+                move |_, rng| {
+                    let pool = pool.clone();
+                    let op = Op::draw(scenario, rows, &fresh, rng);
+                    async move { op.via_sql(&pool).await }
+                }
+            })
+            .await;
+            report(db, scenario, in_flight, &service, &direct, args.json);
+        }
+    }
+
+    let rss = server.peak_rss_kib();
+    server.stop();
+    on_pool!(&ceiling, p => p.close().await);
+    let summary = format!(
+        "{db:?}: server start to SERVING {:.0} ms, peak RSS {:.1} MiB, {} preloaded rows",
+        startup.as_secs_f64() * 1000.0,
+        rss.unwrap_or(0) as f64 / 1024.0,
+        args.rows
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "database": format!("{db:?}"),
+                "startup_ms": startup.as_secs_f64() * 1000.0,
+                "peak_rss_mib": rss.unwrap_or(0) as f64 / 1024.0,
+                "rows": args.rows,
+            })
+        );
+    } else {
+        println!("{summary}");
+    }
+    database.drop().await
+}
+
+/// One request, drawn for a scenario.
+#[derive(Debug, Clone)]
+enum Op {
+    GetByUser(String),
+    GetByCustomer(String),
+    Link(String, String),
+    /// Unlink by user, then Link the same pair again.
+    Relink(String, String),
+}
+
+impl Op {
+    fn draw(scenario: Scenario, rows: u64, fresh: &AtomicU64, rng: &mut SmallRng) -> Op {
+        let existing = |rng: &mut SmallRng| rng.random_range(0..rows);
+        let new_pair = || {
+            let k = fresh.fetch_add(1, Ordering::Relaxed);
+            (format!("new-{k}"), format!("cus_new{k}"))
+        };
+        match scenario {
+            Scenario::Get => {
+                let i = existing(rng);
+                if rng.random_bool(0.5) {
+                    Op::GetByUser(format!("user-{i}"))
+                } else {
+                    Op::GetByCustomer(format!("cus_{i}"))
+                }
+            }
+            Scenario::LinkNew => {
+                let (u, c) = new_pair();
+                Op::Link(u, c)
+            }
+            Scenario::LinkReplay => {
+                let i = existing(rng);
+                Op::Link(format!("user-{i}"), format!("cus_{i}"))
+            }
+            Scenario::LinkConflict => {
+                let i = existing(rng);
+                let j = (i + 1 + rng.random_range(0..rows.max(2) - 1)) % rows;
+                Op::Link(format!("user-{i}"), format!("cus_{j}"))
+            }
+            Scenario::Mixed => match rng.random_range(0..100) {
+                0..90 => Op::draw(Scenario::Get, rows, fresh, rng),
+                90..95 => Op::draw(Scenario::LinkNew, rows, fresh, rng),
+                _ => {
+                    let i = existing(rng);
+                    Op::Relink(format!("user-{i}"), format!("cus_{i}"))
+                }
+            },
+        }
+    }
+
+    /// Returns the gRPC code name of the (last) reply.
+    async fn via_grpc(self, client: &mut CustomerMappingClient<Channel>) -> String {
+        let code = |r: Result<(), tonic::Status>| match r {
+            Ok(()) => "OK".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        match self {
+            Op::GetByUser(u) => code(
+                client
+                    .get(GetRequest {
+                        key: Some(get_request::Key::UserId(u)),
+                    })
+                    .await
+                    .map(drop),
+            ),
+            Op::GetByCustomer(c) => code(
+                client
+                    .get(GetRequest {
+                        key: Some(get_request::Key::StripeCustomerId(c)),
+                    })
+                    .await
+                    .map(drop),
+            ),
+            Op::Link(u, c) => code(
+                client
+                    .link(LinkRequest {
+                        user_id: u,
+                        stripe_customer_id: c,
+                    })
+                    .await
+                    .map(drop),
+            ),
+            Op::Relink(u, c) => {
+                let _ = client
+                    .unlink(UnlinkRequest {
+                        key: Some(unlink_request::Key::UserId(u.clone())),
+                    })
+                    .await;
+                code(
+                    client
+                        .link(LinkRequest {
+                            user_id: u,
+                            stripe_customer_id: c,
+                        })
+                        .await
+                        .map(drop),
+                )
+            }
+        }
+    }
+
+    /// The same work as the service does, as SQL straight to the database.
+    async fn via_sql(self, pool: &Pool) -> String {
+        let result = match self {
+            Op::GetByUser(u) => sql_get(pool, GET_BY_USER, &u).await,
+            Op::GetByCustomer(c) => sql_get(pool, GET_BY_CUSTOMER, &c).await,
+            Op::Link(u, c) => sql_link(pool, &u, &c).await,
+            Op::Relink(u, c) => match sql_unlink(pool, &u).await {
+                Ok(_) => sql_link(pool, &u, &c).await,
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(code) => code.to_owned(),
+            Err(_) => "SqlError".to_owned(),
+        }
+    }
+}
+
+const GET_BY_USER: &str = "SELECT id, user_id, stripe_customer_id, created_at \
+                           FROM stripe_customers WHERE user_id = $1";
+const GET_BY_CUSTOMER: &str = "SELECT id, user_id, stripe_customer_id, created_at \
+                               FROM stripe_customers WHERE stripe_customer_id = $1";
+const CONFLICTS: &str = "SELECT id, user_id, stripe_customer_id, created_at FROM stripe_customers \
+                         WHERE user_id = $1 OR stripe_customer_id = $2";
+
+async fn sql_get(pool: &Pool, sql: &'static str, value: &str) -> Result<&'static str, sqlx::Error> {
+    let found =
+        on_pool!(pool, p => sqlx::query(sql).bind(value).fetch_optional(p).await?.is_some());
+    Ok(if found { "OK" } else { "NotFound" })
+}
+
+async fn sql_unlink(pool: &Pool, user: &str) -> Result<&'static str, sqlx::Error> {
+    let sql = "DELETE FROM stripe_customers WHERE user_id = $1 \
+               RETURNING id, user_id, stripe_customer_id, created_at";
+    let found = on_pool!(pool, p => sqlx::query(sql).bind(user).fetch_optional(p).await?.is_some());
+    Ok(if found { "OK" } else { "NotFound" })
+}
+
+async fn sql_link(pool: &Pool, user: &str, customer: &str) -> Result<&'static str, sqlx::Error> {
+    let insert = "INSERT INTO stripe_customers (user_id, stripe_customer_id, created_at) \
+                  VALUES ($1, $2, $3) ON CONFLICT DO NOTHING \
+                  RETURNING id, user_id, stripe_customer_id, created_at";
+    let now = chrono::Utc::now();
+    on_pool!(pool, p => {
+        let mut txn = p.begin().await?;
+        let inserted = sqlx::query(insert)
+            .bind(user)
+            .bind(customer)
+            .bind(now)
+            .fetch_optional(&mut *txn)
+            .await?;
+        let code = if inserted.is_some() {
+            "OK"
+        } else {
+            let rows = sqlx::query(CONFLICTS)
+                .bind(user)
+                .bind(customer)
+                .fetch_all(&mut *txn)
+                .await?;
+            let same = rows.iter().any(|r| {
+                r.try_get::<String, _>("user_id").is_ok_and(|u| u == user)
+                    && r.try_get::<String, _>("stripe_customer_id").is_ok_and(|c| c == customer)
+            });
+            if same { "OK" } else { "AlreadyExists" }
+        };
+        txn.commit().await?;
+        Ok(code)
+    })
+}
+
+/// Runs `in_flight` tasks, each issuing one request at a time, for the
+/// warm-up and then the measured duration.
+async fn measure<F, Fut>(args: &Args, in_flight: usize, op: F) -> Measured
+where
+    F: Fn(usize, &mut SmallRng) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
+    let warmup_ends = Instant::now() + args.warmup;
+    let ends = warmup_ends + args.duration;
+    let tasks = (0..in_flight).map(|task| {
+        let op = op.clone();
+        tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(task as u64);
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                let now = Instant::now();
+                if now >= ends {
+                    break;
+                }
+                let code = op(task, &mut rng).await;
+                if now >= warmup_ends {
+                    let _ = latency.record(now.elapsed().as_micros().max(1) as u64);
+                    *codes.entry(code).or_default() += 1;
+                }
+            }
+            (latency, codes)
+        })
+    });
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut codes = BTreeMap::new();
+    for joined in futures::future::join_all(tasks).await {
+        let (l, c) = joined.expect("a load task panicked");
+        latency_us.add(l).expect("same bounds");
+        for (code, n) in c {
+            *codes.entry(code).or_default() += n;
+        }
+    }
+    Measured {
+        ops: latency_us.len(),
+        seconds: args.duration.as_secs_f64(),
+        latency_us,
+        codes,
+    }
+}
+
+fn report(
+    db: Db,
+    scenario: Scenario,
+    in_flight: usize,
+    service: &Measured,
+    direct: &Measured,
+    json: bool,
+) {
+    let tput_ratio = service.throughput() / direct.throughput();
+    let p99_ratio = service.quantile_ms(0.99) / direct.quantile_ms(0.99);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "database": format!("{db:?}"),
+                "scenario": format!("{scenario:?}"),
+                "in_flight": in_flight,
+                "ops_per_s": service.throughput(),
+                "p50_ms": service.quantile_ms(0.5),
+                "p90_ms": service.quantile_ms(0.9),
+                "p99_ms": service.quantile_ms(0.99),
+                "p999_ms": service.quantile_ms(0.999),
+                "max_ms": service.latency_us.max() as f64 / 1000.0,
+                "codes": service.codes,
+                "ceiling_ops_per_s": direct.throughput(),
+                "ceiling_p99_ms": direct.quantile_ms(0.99),
+                "ceiling_codes": direct.codes,
+                "throughput_ratio": tput_ratio,
+                "p99_ratio": p99_ratio,
+            })
+        );
+    } else {
+        let codes: Vec<String> = service
+            .codes
+            .iter()
+            .map(|(c, n)| format!("{c}={n}"))
+            .collect();
+        println!(
+            "{:<9} {:<13} {:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>8.2} {:>6.2} {:>6.2}  {}",
+            format!("{db:?}"),
+            format!("{scenario:?}"),
+            in_flight,
+            service.throughput(),
+            service.quantile_ms(0.5),
+            service.quantile_ms(0.9),
+            service.quantile_ms(0.99),
+            service.quantile_ms(0.999),
+            service.latency_us.max() as f64 / 1000.0,
+            direct.throughput(),
+            direct.quantile_ms(0.99),
+            tput_ratio,
+            p99_ratio,
+            codes.join(" ")
+        );
+    }
+}
+
+/// A fresh database for one benchmark run.
+struct BenchDatabase {
+    db: Db,
+    url: String,
+    admin: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl BenchDatabase {
+    async fn create(db: Db) -> anyhow::Result<Self> {
+        match db {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                );
+                Ok(Self {
+                    db,
+                    url,
+                    admin: None,
+                    _dir: Some(dir),
+                })
+            }
+            Db::Postgres => {
+                let admin = std::env::var("TEST_DATABASE_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+                let name = format!("cm_bench_{}", std::process::id());
+                let conn = sqlx::PgPool::connect(&admin).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+                )))
+                .execute(&conn)
+                .await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+                    .execute(&conn)
+                    .await?;
+                conn.close().await;
+                let mut url = url::Url::parse(&admin)?;
+                url.set_path(&name);
+                Ok(Self {
+                    db,
+                    url: url.to_string(),
+                    admin: Some((admin, name)),
+                    _dir: None,
+                })
+            }
+        }
+    }
+
+    /// A direct pool configured as the server configures its own.
+    async fn pool(&self, size: u32) -> anyhow::Result<Pool> {
+        Ok(match self.db {
+            Db::Postgres => Pool::Pg(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(size)
+                    .connect(&self.url)
+                    .await?,
+            ),
+            Db::Sqlite => {
+                use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+                let options: SqliteConnectOptions = self.url.parse()?;
+                let options = options
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(5));
+                Pool::Sqlite(
+                    sqlx::sqlite::SqlitePoolOptions::new()
+                        .max_connections(size)
+                        .test_before_acquire(false)
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+        })
+    }
+
+    async fn drop(self) -> anyhow::Result<()> {
+        if let Some((admin, name)) = self.admin {
+            let conn = sqlx::PgPool::connect(&admin).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+            )))
+            .execute(&conn)
+            .await?;
+            conn.close().await;
+        }
+        Ok(())
+    }
+}
+
+/// Inserts `user-{i}` <-> `cus_{i}` for i in 0..rows, in one statement.
+async fn preload(pool: &Pool, rows: u64) -> anyhow::Result<()> {
+    let last = rows - 1;
+    let n: i64 = match pool {
+        Pool::Pg(p) => {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO stripe_customers (user_id, stripe_customer_id, created_at) \
+                 SELECT 'user-' || g, 'cus_' || g, now() FROM generate_series(0, {last}) AS g; \
+                 ANALYZE stripe_customers"
+            )))
+            .execute(p)
+            .await?;
+            sqlx::query("SELECT count(*) AS n FROM stripe_customers")
+                .fetch_one(p)
+                .await?
+                .try_get("n")?
+        }
+        Pool::Sqlite(p) => {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "WITH RECURSIVE g(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM g WHERE i < {last}) \
+                 INSERT INTO stripe_customers (user_id, stripe_customer_id, created_at) \
+                 SELECT 'user-' || i, 'cus_' || i, strftime('%Y-%m-%d %H:%M:%f+00:00', 'now') FROM g"
+            )))
+            .execute(p)
+            .await?;
+            sqlx::query("SELECT count(*) AS n FROM stripe_customers")
+                .fetch_one(p)
+                .await?
+                .try_get("n")?
+        }
+    };
+    anyhow::ensure!(n as u64 == rows, "preloaded {n} rows, wanted {rows}");
+    Ok(())
+}
+
+/// The release server as a child process.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(url: &str, pool_size: u32, env: &[(String, String)]) -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_customer-mapping"))
+            .env("DATABASE_URL", url)
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .env("DATABASE_MAX_CONNECTIONS", pool_size.to_string())
+            .env("HEALTH_PROBE_INTERVAL", "1s")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("server exited"))??;
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if event["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("serving"))
+            {
+                break event["addr"].as_str().unwrap_or_default().parse()?;
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        Ok(Self { child, addr })
+    }
+
+    /// VmHWM: the most resident memory the process ever had.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_serving(addr: SocketAddr) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut health = HealthClient::new(channel);
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    while let Some(update) = updates.message().await? {
+        if update.status == ServingStatus::Serving as i32 {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("health never became SERVING")
+}
