@@ -107,7 +107,9 @@ struct Args {
     /// Print one JSON object per run instead of the table.
     #[arg(long)]
     json: bool,
-    /// Extra environment for the server, e.g. `RUST_LOG=warn` (repeatable).
+    /// Extra environment for the server, e.g. `TOKIO_WORKER_THREADS=1`
+    /// (repeatable). Keep the "serving" line at INFO (`customer_mapping=info`):
+    /// the address is read from it.
     #[arg(long, value_parser = parse_env)]
     server_env: Vec<(String, String)>,
     /// A few seconds of everything, small: proves the tool works (CI).
