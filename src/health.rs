@@ -118,10 +118,10 @@ pub async fn supervise_database(
                     false
                 }
             },
-            Some(db) => ping(db, probe.timeout).await,
+            Some(db) => ping(db.connection(), probe.timeout).await,
         };
         if let Some(db) = store.get() {
-            metrics::record_pool(store::pool_stats(db));
+            metrics::record_pool(store::pool_stats(db.connection()));
         }
         // Publish changes only: every publication wakes every Watch stream.
         if answered != serving {

@@ -156,7 +156,7 @@ impl Application {
             // busy in the database; don't let them hold the exit hostage.
             // Dropping them ends their sessions, which rolls their
             // transactions back.
-            match tokio::time::timeout(POOL_CLOSE_TIMEOUT, db.close_by_ref()).await {
+            match tokio::time::timeout(POOL_CLOSE_TIMEOUT, db.connection().close_by_ref()).await {
                 Ok(closed) => closed.context("closing the database pool")?,
                 Err(_) => tracing::warn!("database pool did not close in time; dropping it"),
             }

@@ -5,12 +5,11 @@ mod error;
 mod ids;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::DatabaseConnection;
 
 pub use error::{BoxError, Error, FieldViolation};
 pub use ids::{InvalidId, MAX_ID_CHARS, StripeCustomerId, UserId};
 
-use crate::store::{self, LinkAttempt, Store, entity::Model};
+use crate::store::{self, DatabaseHandle, LinkAttempt, Store, entity::Model};
 
 /// How many times Link starts over when the rows it conflicted with were
 /// unlinked (or the database aborted it) before it could read them. Each
@@ -54,7 +53,7 @@ impl Mappings {
 
     /// The pool, or UNAVAILABLE while the service is still waiting for its
     /// database at start-up.
-    fn db(&self) -> Result<&DatabaseConnection, Error> {
+    fn db(&self) -> Result<&DatabaseHandle, Error> {
         self.store
             .get()
             .ok_or_else(|| Error::Unavailable("the database is not connected yet".into()))
@@ -114,7 +113,7 @@ async fn run_to_completion<T: Send + 'static>(
 }
 
 async fn link(
-    db: &DatabaseConnection,
+    db: &DatabaseHandle,
     user_id: UserId,
     stripe_customer_id: StripeCustomerId,
 ) -> Result<Linked, Error> {
