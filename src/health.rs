@@ -102,23 +102,31 @@ pub async fn supervise_database(
             _ = ticks.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        let answered = match store.get() {
-            None => match bring_up(&database).await {
-                Ok(db) => {
-                    store.set(db);
-                    tracing::info!(database = %database.redacted_url(), "database connected");
-                    true
-                }
-                Err(err) => {
-                    tracing::warn!(
-                        error = format!("{err:#}"),
-                        retry_in = ?probe.interval,
-                        "database not ready"
-                    );
-                    false
-                }
-            },
-            Some(db) => ping(db.connection(), probe.timeout).await,
+        let check = async {
+            match store.get() {
+                None => match bring_up(&database).await {
+                    Ok(db) => {
+                        store.set(db);
+                        tracing::info!(database = %database.redacted_url(), "database connected");
+                        true
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            error = format!("{err:#}"),
+                            retry_in = ?probe.interval,
+                            "database not ready"
+                        );
+                        false
+                    }
+                },
+                Some(db) => ping(db.connection(), probe.timeout).await,
+            }
+        };
+        // A connection attempt can take the whole connect timeout: shutdown
+        // must not wait for it.
+        let answered = tokio::select! {
+            answered = check => answered,
+            _ = stop.wait_for(|stop| *stop) => return,
         };
         if let Some(db) = store.get() {
             metrics::record_pool(store::pool_stats(db.connection()));

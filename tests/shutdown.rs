@@ -193,3 +193,28 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
     assert_eq!(common::pg::rows_in_table(&outside).await, 0);
     outside.close().await.expect("close");
 }
+
+/// A database that accepts connections and never answers: the server is
+/// stuck in a 30 s connection attempt when SIGTERM comes, and must not wait
+/// for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hanging_database_connection_exits_promptly() {
+    // The kernel completes the handshakes; nobody ever reads or answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "postgres://postgres@{}/mapping",
+        silent.local_addr().expect("addr")
+    );
+    let server =
+        ServerProcess::start(&[("DATABASE_URL", &url), ("DATABASE_CONNECT_TIMEOUT", "30s")]);
+    common::wait_for_health(server.addr, "", ServingStatus::NotServing).await;
+
+    server.sigterm();
+    let mut server = server;
+    let (status, took) =
+        tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
+            .await
+            .expect("no panic");
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+}
