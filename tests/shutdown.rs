@@ -109,13 +109,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
         assert!(response.into_inner().created);
     }
 
-    let mut server = server;
-    let (status, took, server) = tokio::task::spawn_blocking(move || {
-        let (status, took) = server.wait_exit(Duration::from_secs(10));
-        (status, took, server)
-    })
-    .await
-    .expect("no panic");
+    let (status, took, server) = server.exited(Duration::from_secs(10)).await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -170,13 +164,7 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
     common::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
 
     server.sigterm();
-    let mut server = server;
-    let (status, took, server) = tokio::task::spawn_blocking(move || {
-        let (status, took) = server.wait_exit(Duration::from_secs(10));
-        (status, took, server)
-    })
-    .await
-    .expect("no panic");
+    let (status, took, server) = server.exited(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "output: {:?}", server.lines());
     assert!(
         took < Duration::from_secs(5),
@@ -210,11 +198,7 @@ async fn sigterm_during_a_hanging_database_connection_exits_promptly() {
     common::wait_for_health(server.addr, "", ServingStatus::NotServing).await;
 
     server.sigterm();
-    let mut server = server;
-    let (status, took) =
-        tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
-            .await
-            .expect("no panic");
+    let (status, took, _) = server.exited(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0));
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }

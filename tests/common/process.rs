@@ -84,6 +84,16 @@ impl ServerProcess {
         }
     }
 
+    /// [`Self::wait_exit`] from async code, without blocking the runtime.
+    pub async fn exited(mut self, limit: Duration) -> (ExitStatus, Duration, Self) {
+        tokio::task::spawn_blocking(move || {
+            let (status, took) = self.wait_exit(limit);
+            (status, took, self)
+        })
+        .await
+        .expect("waiting for the server did not panic")
+    }
+
     /// Every line the process printed so far (JSON logs).
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("log lines").clone()
