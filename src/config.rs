@@ -1,7 +1,8 @@
 //! All configuration, parsed once at start from flags and environment.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 /// The single source of truth for which Stripe customer belongs to which user.
@@ -40,6 +41,15 @@ pub struct Settings {
     #[command(flatten)]
     pub health: HealthSettings,
 
+    #[command(flatten)]
+    pub tls: TlsSettings,
+
+    #[command(flatten)]
+    pub access: AccessSettings,
+
+    #[command(flatten)]
+    pub limits: LimitSettings,
+
     /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
     #[arg(long, env = "METRICS_ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
@@ -66,6 +76,16 @@ pub struct DatabaseSettings {
         global = true
     )]
     pub database_url: String,
+
+    /// File holding the connection URL (a mounted Kubernetes secret), read
+    /// once at start; trailing whitespace is ignored.
+    #[arg(
+        long,
+        env = "DATABASE_URL_FILE",
+        conflicts_with = "database_url",
+        global = true
+    )]
+    pub database_url_file: Option<PathBuf>,
 
     /// Most connections the pool opens.
     #[arg(
@@ -106,6 +126,167 @@ pub struct HealthSettings {
     pub health_probe_timeout: Duration,
 }
 
+/// Transport security. With neither file set the server speaks plaintext,
+/// which it only does on a loopback address unless
+/// `--allow-insecure-plaintext` says otherwise.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first. With `--tls-key-file`, turns TLS on.
+    /// Re-read on every new connection, so a rotated secret takes effect
+    /// without a restart.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file", global = true)]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file", global = true)]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates: turns mutual TLS on. Connections without a
+    /// client certificate signed by one of them are refused.
+    #[arg(
+        long,
+        env = "TLS_CLIENT_CA_FILE",
+        requires = "tls_cert_file",
+        global = true
+    )]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Serve plaintext gRPC on a non-loopback address. Only for networks
+    /// that encrypt and authenticate on their own (a service mesh sidecar).
+    #[arg(long, env = "ALLOW_INSECURE_PLAINTEXT", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub allow_insecure_plaintext: bool,
+}
+
+/// Who may call what, and what else is exposed.
+#[derive(Debug, Clone, Args)]
+pub struct AccessSettings {
+    /// JSON file mapping caller identities (client certificate names or
+    /// bearer token hashes) to the RPCs they may call. Without it every
+    /// caller may call every RPC.
+    #[arg(long, env = "POLICY_FILE", global = true)]
+    pub policy_file: Option<PathBuf>,
+
+    /// Serve gRPC server reflection (for grpcurl). Under a policy, only
+    /// authenticated callers may use it.
+    #[arg(long, env = "REFLECTION", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub reflection: bool,
+
+    /// Also serve `grpc.health.v1` (and nothing else) in plaintext on this
+    /// address, for Kubernetes probes, which can't present a certificate
+    /// or token.
+    #[arg(long, env = "HEALTH_LISTEN_ADDR", global = true)]
+    pub health_listen_addr: Option<SocketAddr>,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        Self {
+            policy_file: None,
+            reflection: true,
+            health_listen_addr: None,
+        }
+    }
+}
+
+/// Bounds on what one caller, one connection or the whole server can make
+/// the service hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct LimitSettings {
+    /// Largest request message accepted, in bytes; larger ones get
+    /// RESOURCE_EXHAUSTED before any work is done.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 16 * 1024, global = true)]
+    pub max_request_bytes: usize,
+
+    /// Most RPCs one HTTP/2 connection may have open at once (advertised to
+    /// the client, which queues the rest).
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_STREAMS",
+        default_value_t = 128,
+        global = true
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Most CustomerMapping RPCs in progress over all connections; beyond it
+    /// calls are shed at once with UNAVAILABLE instead of queueing.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_REQUESTS",
+        default_value_t = 512,
+        global = true
+    )]
+    pub max_concurrent_requests: usize,
+
+    /// Most open client connections; further ones are closed at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, global = true)]
+    pub max_connections: usize,
+
+    /// Deadline of a call whose caller set none (or a longer one).
+    #[arg(long, env = "DEFAULT_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub default_deadline: Duration,
+
+    /// How long a new connection may take to finish its TLS handshake and
+    /// send the HTTP/2 preface before it is closed (slow-loris defence).
+    #[arg(long, env = "HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub handshake_timeout: Duration,
+
+    /// How often an idle connection is pinged (HTTP/2 PING).
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a ping may go unanswered before the connection is dropped.
+    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 16 * 1024,
+            max_concurrent_streams: 128,
+            max_concurrent_requests: 512,
+            max_connections: 4096,
+            default_deadline: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads what the settings point to in files (today: the database URL).
+    /// Call once, before anything uses the settings.
+    pub fn load_secrets(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = self.database.database_url_file.take() {
+            let raw = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading DATABASE_URL_FILE {}", path.display()))?;
+            let url = raw.trim_end();
+            anyhow::ensure!(
+                !url.is_empty(),
+                "DATABASE_URL_FILE {} is empty",
+                path.display()
+            );
+            self.database.database_url = url.to_owned();
+        }
+        Ok(())
+    }
+
+    /// Refuses plaintext on a non-loopback address unless explicitly
+    /// allowed: a Link from anyone on the network can redirect payments.
+    pub fn check_transport(&self) -> anyhow::Result<()> {
+        let plaintext = self.tls.tls_cert_file.is_none();
+        if plaintext && !self.listen_addr.ip().is_loopback() && !self.tls.allow_insecure_plaintext {
+            anyhow::bail!(
+                "refusing to serve plaintext on {}: set TLS_CERT_FILE and TLS_KEY_FILE, \
+                 or ALLOW_INSECURE_PLAINTEXT=true if the network encrypts for us",
+                self.listen_addr
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -117,6 +298,7 @@ impl DatabaseSettings {
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {
             database_url: url.into(),
+            database_url_file: None,
             database_max_connections: 10,
             database_acquire_timeout: Duration::from_secs(5),
             database_connect_timeout: Duration::from_secs(5),
@@ -189,5 +371,44 @@ mod tests {
         assert_eq!(cli.settings.listen_addr.to_string(), "127.0.0.1:50051");
         assert!(cli.settings.database.database_url.starts_with("sqlite://"));
         assert!(cli.settings.database.migrate_on_start);
+        assert_eq!(cli.settings.limits, LimitSettings::default());
+        assert!(cli.settings.access.reflection);
+        assert!(cli.settings.check_transport().is_ok());
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_explicit_consent() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["customer-mapping"], args].concat())
+                .expect("flags parse")
+                .settings
+        };
+        assert!(
+            parse(&["--listen-addr", "0.0.0.0:50051"])
+                .check_transport()
+                .is_err()
+        );
+        assert!(
+            parse(&[
+                "--listen-addr",
+                "0.0.0.0:50051",
+                "--allow-insecure-plaintext",
+                "true"
+            ])
+            .check_transport()
+            .is_ok()
+        );
+        assert!(
+            parse(&[
+                "--listen-addr",
+                "0.0.0.0:50051",
+                "--tls-cert-file",
+                "c.pem",
+                "--tls-key-file",
+                "k.pem"
+            ])
+            .check_transport()
+            .is_ok()
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! Layers, outside in: `grpc` (decode, validate, call, map errors) →
 //! `mapping` (the domain: ids, rules, errors) → `store` (SeaORM).
 
+pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod health;
@@ -12,3 +13,4 @@ pub mod proto;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod transport;

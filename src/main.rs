@@ -7,11 +7,14 @@ use customer_mapping::{
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     telemetry::init(cli.settings.log_format);
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.settings).await,
-        Command::Migrate => startup::migrate(&cli.settings.database).await,
+    let result = match cli.settings.load_secrets() {
+        Err(err) => Err(err),
+        Ok(()) => match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(&cli.settings).await,
+            Command::Migrate => startup::migrate(&cli.settings.database).await,
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -26,6 +29,10 @@ async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<
     let app = Application::build(settings).await?;
     tracing::info!(
         addr = %app.local_addr(),
+        transport = app.transport_security(),
+        policy = if app.enforces_policy() { "enforced" } else { "off: every caller may call every RPC" },
+        health = %app.health_addr().map_or_else(|| "main port only".to_owned(), |a| a.to_string()),
+        reflection = settings.access.reflection,
         metrics = %app.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
         database = %settings.database.redacted_url(),
         "serving customermapping.v1.CustomerMapping"

@@ -1,14 +1,17 @@
 //! The gRPC layer: decode and validate requests, call the domain, encode
 //! replies. Status codes are chosen in `status.rs` only.
 
+pub mod codec;
+pub mod limits;
 mod observe;
 pub mod status;
 
-pub use observe::REQUEST_ID;
+pub use observe::{Guard, REQUEST_ID, reflection_interceptor};
 
 use observe::observe;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Rpc;
 use crate::mapping::{
     self, Error, FieldViolation, InvalidId, Key, Mappings, StripeCustomerId, UserId,
 };
@@ -23,48 +26,45 @@ pub use proto::customer_mapping_server::CustomerMappingServer;
 #[derive(Debug, Clone)]
 pub struct CustomerMappingService {
     mappings: Mappings,
+    guard: Guard,
 }
 
 impl CustomerMappingService {
-    pub fn new(mappings: Mappings) -> Self {
-        Self { mappings }
+    pub fn new(mappings: Mappings, guard: Guard) -> Self {
+        Self { mappings, guard }
     }
 }
 
 #[tonic::async_trait]
 impl CustomerMapping for CustomerMappingService {
     async fn link(&self, request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
-        observe("Link", request, |message| self.handle_link(message)).await
+        observe(&self.guard, Rpc::Link, request, |message| {
+            self.handle_link(message)
+        })
+        .await
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        observe("Get", request, |message| self.handle_get(message)).await
+        observe(&self.guard, Rpc::Get, request, |message| {
+            self.handle_get(message)
+        })
+        .await
     }
 
     async fn unlink(
         &self,
         request: Request<UnlinkRequest>,
     ) -> Result<Response<UnlinkResponse>, Status> {
-        observe("Unlink", request, |message| self.handle_unlink(message)).await
+        observe(&self.guard, Rpc::Unlink, request, |message| {
+            self.handle_unlink(message)
+        })
+        .await
     }
 }
 
 impl CustomerMappingService {
     async fn handle_link(&self, request: LinkRequest) -> Result<LinkResponse, Status> {
-        // Validate both fields so the caller learns every mistake at once.
-        let (user_id, stripe_customer_id) = match (
-            parse("user_id", UserId::parse(request.user_id)),
-            parse(
-                "stripe_customer_id",
-                StripeCustomerId::parse(request.stripe_customer_id),
-            ),
-        ) {
-            (Ok(user), Ok(customer)) => (user, customer),
-            (user, customer) => {
-                let violations = [user.err(), customer.err()].into_iter().flatten().collect();
-                return Err(Error::InvalidArgument(violations).into());
-            }
-        };
+        let (user_id, stripe_customer_id) = link_arguments(request)?;
         let linked = self.mappings.link(user_id, stripe_customer_id).await?;
         Ok(LinkResponse {
             mapping: Some(linked.mapping.into()),
@@ -73,30 +73,65 @@ impl CustomerMappingService {
     }
 
     async fn handle_get(&self, request: GetRequest) -> Result<GetResponse, Status> {
-        let key = match request.key {
-            Some(proto::get_request::Key::UserId(id)) => user_key(id),
-            Some(proto::get_request::Key::StripeCustomerId(id)) => customer_key(id),
-            None => Err(missing_key()),
-        }
-        .map_err(|v| Error::InvalidArgument(vec![v]))?;
-        let mapping = self.mappings.get(&key).await?;
+        let mapping = self.mappings.get(&get_key(request)?).await?;
         Ok(GetResponse {
             mapping: Some(mapping.into()),
         })
     }
 
     async fn handle_unlink(&self, request: UnlinkRequest) -> Result<UnlinkResponse, Status> {
-        let key = match request.key {
-            Some(proto::unlink_request::Key::UserId(id)) => user_key(id),
-            Some(proto::unlink_request::Key::StripeCustomerId(id)) => customer_key(id),
-            None => Err(missing_key()),
-        }
-        .map_err(|v| Error::InvalidArgument(vec![v]))?;
-        let mapping = self.mappings.unlink(&key).await?;
+        let mapping = self.mappings.unlink(&unlink_key(request)?).await?;
         Ok(UnlinkResponse {
             mapping: Some(mapping.into()),
         })
     }
+}
+
+/// Validates both fields so the caller learns every mistake at once.
+fn link_arguments(request: LinkRequest) -> Result<(UserId, StripeCustomerId), Error> {
+    match (
+        parse("user_id", UserId::parse(request.user_id)),
+        parse(
+            "stripe_customer_id",
+            StripeCustomerId::parse(request.stripe_customer_id),
+        ),
+    ) {
+        (Ok(user), Ok(customer)) => Ok((user, customer)),
+        (user, customer) => Err(Error::InvalidArgument(
+            [user.err(), customer.err()].into_iter().flatten().collect(),
+        )),
+    }
+}
+
+fn get_key(request: GetRequest) -> Result<Key, Error> {
+    match request.key {
+        Some(proto::get_request::Key::UserId(id)) => user_key(id),
+        Some(proto::get_request::Key::StripeCustomerId(id)) => customer_key(id),
+        None => Err(missing_key()),
+    }
+    .map_err(|v| Error::InvalidArgument(vec![v]))
+}
+
+fn unlink_key(request: UnlinkRequest) -> Result<Key, Error> {
+    match request.key {
+        Some(proto::unlink_request::Key::UserId(id)) => user_key(id),
+        Some(proto::unlink_request::Key::StripeCustomerId(id)) => customer_key(id),
+        None => Err(missing_key()),
+    }
+    .map_err(|v| Error::InvalidArgument(vec![v]))
+}
+
+/// Everything the server does with a request's bytes before the database:
+/// decode as the method's message, then validate. For the fuzz harness
+/// (`tests/hostile_input.rs`), which checks that no input panics it and that
+/// every refusal is INVALID_ARGUMENT.
+pub fn decode_and_validate(method: Rpc, bytes: &[u8]) -> Result<(), Status> {
+    match method {
+        Rpc::Link => link_arguments(codec::decode_request(bytes)?).map(drop),
+        Rpc::Get => get_key(codec::decode_request(bytes)?).map(drop),
+        Rpc::Unlink => unlink_key(codec::decode_request(bytes)?).map(drop),
+    }
+    .map_err(Status::from)
 }
 
 fn parse<T>(field: &'static str, parsed: Result<T, InvalidId>) -> Result<T, FieldViolation> {

@@ -1,12 +1,107 @@
-//! What every RPC gets on its way in and out: a request id, one log line,
-//! and metrics.
+//! What every RPC gets on its way in and out: a request id, the caller's
+//! authorization, load shedding, the server's deadline, one log line naming
+//! the caller, and metrics.
 
-use std::{future::Future, time::Instant};
+use std::{borrow::Cow, future::Future, sync::Arc, time::Duration, time::Instant};
 
+use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 use tracing::Instrument;
 
-use crate::{proto::SERVICE_NAME, telemetry::metrics};
+use super::status;
+use crate::{
+    auth::{AuthError, Authorizer, Credentials, Rpc},
+    proto::SERVICE_NAME,
+    telemetry::metrics,
+};
+
+/// What the RPCs of the service share: who may call, how many may be in
+/// progress, and how long one may take.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    authorizer: Authorizer,
+    in_progress: Arc<Semaphore>,
+    default_deadline: Duration,
+}
+
+impl Guard {
+    pub fn new(authorizer: Authorizer, max_in_progress: usize, default_deadline: Duration) -> Self {
+        Self {
+            authorizer,
+            in_progress: Arc::new(Semaphore::new(max_in_progress)),
+            default_deadline,
+        }
+    }
+
+    /// Authorizes, sheds or runs `handler` under the deadline. Returns how
+    /// to name the caller in the log, and the result.
+    async fn run<Req, Res, Fut>(
+        &self,
+        rpc: Rpc,
+        request: Request<Req>,
+        handler: impl FnOnce(Req) -> Fut,
+    ) -> (Cow<'static, str>, Result<Res, Status>)
+    where
+        Fut: Future<Output = Result<Res, Status>>,
+    {
+        let caller = match with_credentials(&request, |c| self.authorizer.authorize(c, rpc)) {
+            Ok(caller) => Cow::Owned(caller.to_string()),
+            Err(err) => return (denied_caller(&err), Err(err.into())),
+        };
+        // Shed rather than queue: a caller told UNAVAILABLE at once can back
+        // off or go elsewhere; one left waiting only adds to the overload.
+        let Ok(_permit) = self.in_progress.try_acquire() else {
+            return (caller, Err(status::overloaded()));
+        };
+        // A caller's own shorter deadline is enforced by tonic; this bounds
+        // calls from callers that set none.
+        let result = tokio::time::timeout(self.default_deadline, handler(request.into_inner()))
+            .await
+            .unwrap_or_else(|_| Err(status::deadline_exceeded()));
+        (caller, result)
+    }
+}
+
+/// Checks server reflection callers against the policy: under a policy,
+/// only callers it knows may read the schema.
+pub fn reflection_interceptor(
+    authorizer: Authorizer,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request| match with_credentials(&request, |c| {
+        authorizer.authenticate(c, "ServerReflectionInfo")
+    }) {
+        Ok(_) => Ok(request),
+        Err(err) => {
+            tracing::info!(
+                method = "ServerReflectionInfo",
+                caller = %denied_caller(&err),
+                code = metrics::code_name(Status::from(err.clone()).code()),
+                "rpc refused"
+            );
+            Err(err.into())
+        }
+    }
+}
+
+/// Calls `check` with what the request presented: the verified client
+/// certificate (mutual TLS) and the `authorization` metadata.
+fn with_credentials<T, R>(request: &Request<T>, check: impl FnOnce(Credentials<'_>) -> R) -> R {
+    let certificates = request.peer_certs();
+    check(Credentials {
+        certificate: certificates.as_ref().and_then(|chain| chain.first()),
+        authorization: request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes()),
+    })
+}
+
+fn denied_caller(err: &AuthError) -> Cow<'static, str> {
+    match err {
+        AuthError::Unauthenticated(_) => Cow::Borrowed("unauthenticated"),
+        AuthError::PermissionDenied { caller, .. } => Cow::Owned(caller.to_string()),
+    }
+}
 
 /// Metadata key of the request id: taken from the caller when it sends a
 /// usable one, generated otherwise, and always returned.
@@ -15,10 +110,12 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Longest caller-supplied request id we adopt; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Runs `handler` on the request's message, then logs and counts the result
-/// and returns the request id in the response (or error) metadata.
+/// Runs `handler` on the request's message if the guard lets it, then logs
+/// and counts the result and returns the request id in the response (or
+/// error) metadata.
 pub async fn observe<Req, Res, F, Fut>(
-    method: &'static str,
+    guard: &Guard,
+    rpc: Rpc,
     request: Request<Req>,
     handler: F,
 ) -> Result<Response<Res>, Status>
@@ -26,10 +123,11 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
+    let method = rpc.name();
     let request_id = request_id(&request);
     let span = tracing::info_span!("rpc", method, request_id = %request_id);
     let started = Instant::now();
-    let result = handler(request.into_inner()).instrument(span).await;
+    let (caller, result) = guard.run(rpc, request, handler).instrument(span).await;
     let elapsed = started.elapsed();
 
     let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
@@ -39,6 +137,7 @@ where
         code = metrics::code_name(code),
         latency_ms,
         request_id = %request_id,
+        caller = %caller,
         "rpc"
     );
     metrics::record_rpc(SERVICE_NAME, method, code, elapsed.as_secs_f64());

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::mapping::{Error, Key, Mapping};
+use crate::{
+    auth::AuthError,
+    mapping::{Error, Key, Mapping},
+};
 
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "customermapping.v1";
@@ -13,10 +16,13 @@ pub const ERROR_DOMAIN: &str = "customermapping.v1";
 pub const REASON_USER_ALREADY_LINKED: &str = "USER_ALREADY_LINKED";
 pub const REASON_CUSTOMER_ALREADY_LINKED: &str = "CUSTOMER_ALREADY_LINKED";
 pub const REASON_MAPPING_NOT_FOUND: &str = "MAPPING_NOT_FOUND";
+pub const REASON_CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
 
 /// ErrorInfo metadata keys (lowerCamelCase, as AIP-193 asks).
 pub const METADATA_USER_ID: &str = "userId";
 pub const METADATA_STRIPE_CUSTOMER_ID: &str = "stripeCustomerId";
+pub const METADATA_CALLER: &str = "caller";
+pub const METADATA_METHOD: &str = "method";
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
@@ -73,6 +79,50 @@ impl From<Error> for Status {
             }
         }
     }
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Unauthenticated(why) => Status::unauthenticated(why),
+            AuthError::PermissionDenied { caller, method } => Status::with_error_details(
+                Code::PermissionDenied,
+                format!("caller {caller} may not call {method}"),
+                ErrorDetails::with_error_info(
+                    REASON_CALLER_NOT_ALLOWED,
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        (METADATA_CALLER.to_owned(), caller.to_string()),
+                        (METADATA_METHOD.to_owned(), method.to_owned()),
+                    ]),
+                ),
+            ),
+        }
+    }
+}
+
+/// More calls in progress than the server takes: shed at once rather than
+/// queued, so overload can't grow a queue without bound.
+pub fn overloaded() -> Status {
+    Status::unavailable("server overloaded; retry with backoff")
+}
+
+/// The server's default deadline passed (the caller set none, or a longer
+/// one). Whether the change was made is unknown, as for any deadline.
+pub fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("the call took longer than the server's deadline")
+}
+
+/// The request bytes are not a valid message of the method's type.
+pub fn undecodable(why: &str) -> Status {
+    Status::invalid_argument(format!("the request is not a valid message: {why}"))
+}
+
+/// The request message is larger than `MAX_REQUEST_BYTES`.
+pub fn request_too_large(limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the request message is larger than the {limit}-byte limit"
+    ))
 }
 
 fn already_linked(reason: &str, message: &str, existing: &Mapping) -> Status {

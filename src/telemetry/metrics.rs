@@ -21,6 +21,10 @@ pub const RPC_DURATION: &str = "grpc_server_handling_seconds";
 pub const DB_POOL_CONNECTIONS: &str = "customer_mapping_db_pool_connections";
 /// 1 while health reports SERVING, 0 otherwise.
 pub const SERVING: &str = "customer_mapping_serving";
+/// Connections closed before serving anything, by `reason`.
+pub const CONNECTIONS_REFUSED: &str = "customer_mapping_connections_refused_total";
+/// Requests refused before reaching a handler (too large), by `reason`.
+pub const REQUESTS_REFUSED: &str = "customer_mapping_requests_refused_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -61,6 +65,22 @@ fn describe() {
         "Database pool connections, by state (in_use, idle)."
     );
     metrics::describe_gauge!(SERVING, "1 while gRPC health reports SERVING, else 0.");
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed before serving anything, by reason."
+    );
+    metrics::describe_counter!(
+        REQUESTS_REFUSED,
+        "Requests refused before reaching a handler, by reason."
+    );
+}
+
+pub fn record_connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn record_request_refused(reason: &'static str) {
+    metrics::counter!(REQUESTS_REFUSED, "reason" => reason).increment(1);
 }
 
 pub fn record_rpc(service: &'static str, method: &'static str, code: tonic::Code, seconds: f64) {

@@ -9,6 +9,7 @@ pub mod pg;
 pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -100,6 +101,9 @@ pub fn test_settings(database_url: String) -> Settings {
             health_probe_interval: Duration::from_millis(100),
             health_probe_timeout: Duration::from_millis(500),
         },
+        tls: Default::default(),
+        access: Default::default(),
+        limits: Default::default(),
         metrics_addr: None,
         shutdown_drain_timeout: Duration::from_secs(5),
         log_format: LogFormat::Text,
