@@ -5,7 +5,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Condvar, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -15,6 +15,8 @@ pub struct ServerProcess {
     child: Child,
     pub addr: SocketAddr,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Notified whenever a line arrives.
+    arrived: Arc<Condvar>,
 }
 
 impl ServerProcess {
@@ -32,12 +34,14 @@ impl ServerProcess {
             .spawn()
             .expect("the binary starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(Condvar::new());
         let (serving_tx, serving_rx) = mpsc::channel();
         for output in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
         ] {
             let lines = lines.clone();
+            let arrived = arrived.clone();
             let serving_tx = serving_tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(output).lines().map_while(Result::ok) {
@@ -45,13 +49,19 @@ impl ServerProcess {
                         let _ = serving_tx.send(addr);
                     }
                     lines.lock().expect("log lines").push(line);
+                    arrived.notify_all();
                 }
             });
         }
         let addr = serving_rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("no 'serving' line; output: {:?}", lines.lock()));
-        Self { child, addr, lines }
+        Self {
+            child,
+            addr,
+            lines,
+            arrived,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -97,6 +107,24 @@ impl ServerProcess {
     /// Every line the process printed so far (JSON logs).
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("log lines").clone()
+    }
+
+    /// Waits (at most 10 s) for a JSON log event matching `wanted`.
+    pub fn wait_for_event(&self, wanted: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = self.lines.lock().expect("log lines");
+        loop {
+            if let Some(event) = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .find(|e| wanted(e))
+            {
+                return event;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no such log event; output: {lines:?}");
+            lines = self.arrived.wait_timeout(lines, left).expect("log lines").0;
+        }
     }
 
     /// The JSON log events so far.
