@@ -62,3 +62,77 @@ fn a_database_password_never_reaches_the_output() {
     );
     assert!(!printed.contains("hunter2"), "password leaked: {printed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_url_can_come_from_a_mounted_secret_file() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    // PostgreSQL here trusts local connections, so any password works; it
+    // must still never be printed.
+    let mut url = url::Url::parse(&database.url).expect("a URL");
+    url.set_password(Some("file-secret-pw"))
+        .expect("a password fits");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let secret = dir.path().join("database-url");
+    // Secrets written by hand usually end in a newline.
+    std::fs::write(&secret, format!("{url}\n")).expect("write the secret");
+
+    let output = Command::new(BINARY)
+        .arg("migrate")
+        .env_remove("DATABASE_URL")
+        .env("DATABASE_URL_FILE", &secret)
+        .output()
+        .expect("the binary runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "migrate failed: {printed}");
+    assert!(
+        !printed.contains("file-secret-pw"),
+        "password leaked: {printed}"
+    );
+
+    let db = sea_orm::Database::connect(&database.url)
+        .await
+        .expect("connects");
+    assert_eq!(common::pg::rows_in_table(&db).await, 0, "the schema exists");
+    db.close().await.expect("closes");
+
+    let both = Command::new(BINARY)
+        .arg("migrate")
+        .env("DATABASE_URL", &database.url)
+        .env("DATABASE_URL_FILE", &secret)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        !both.status.success(),
+        "two sources for the URL are refused"
+    );
+
+    let missing = Command::new(BINARY)
+        .arg("migrate")
+        .env_remove("DATABASE_URL")
+        .env("DATABASE_URL_FILE", dir.path().join("absent"))
+        .output()
+        .expect("the binary runs");
+    assert!(
+        !missing.status.success(),
+        "a missing secret file is an error"
+    );
+}
+
+#[test]
+fn plaintext_on_a_public_address_needs_explicit_consent() {
+    let output = Command::new(BINARY)
+        .arg("serve")
+        .env("LISTEN_ADDR", "0.0.0.0:0")
+        .env("DATABASE_URL", "sqlite::memory:")
+        .env_remove("ALLOW_INSECURE_PLAINTEXT")
+        .env_remove("TLS_CERT_FILE")
+        .output()
+        .expect("the binary runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "must refuse: {printed}");
+    assert!(printed.contains("ALLOW_INSECURE_PLAINTEXT"), "{printed}");
+}

@@ -1,0 +1,186 @@
+//! Each limit with the status code a caller sees, and the server still
+//! serving other clients afterwards.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Backend, TestApp, pg, spawn_app_with};
+use customer_mapping::proto::{GetRequest, LinkRequest, get_request};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic::Code;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+fn get(n: u32) -> GetRequest {
+    GetRequest {
+        key: Some(get_request::Key::UserId(format!("user-{n}"))),
+    }
+}
+
+async fn still_serving(app: &TestApp) {
+    let mut client = app.new_client().await;
+    let linked = client
+        .link(LinkRequest {
+            user_id: "after".into(),
+            stripe_customer_id: "cus_after".into(),
+        })
+        .await
+        .expect("a new client is served");
+    assert!(linked.into_inner().created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_resource_exhausted_before_any_database_work() {
+    let app = spawn_app_with(Backend::Postgres, |_| {}).await;
+    // Any call that reached the table would wait on this lock; the refusal
+    // comes back at once, so it never got there.
+    let outside = app.db().await;
+    let lock = pg::lock_table(&outside).await;
+
+    let five_megabytes = "u".repeat(5 * 1024 * 1024);
+    let err = app
+        .link(&five_megabytes, "cus_1")
+        .await
+        .expect_err("a 5 MB request is refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("16384"), "{err:?}");
+
+    lock.rollback().await.expect("unlock");
+    assert_eq!(pg::rows_in_table(&outside).await, 0);
+    // The same connection, and new ones, are still served.
+    app.link("user-1", "cus_1")
+        .await
+        .expect("Link on the same client");
+    still_serving(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_the_concurrency_limit_are_shed_with_unavailable() {
+    let app = spawn_app_with(Backend::Postgres, |s| s.limits.max_concurrent_requests = 2).await;
+    let outside = app.db().await;
+    let lock = pg::lock_table(&outside).await;
+    let in_progress: Vec<_> = (0..2)
+        .map(|n| {
+            let mut client = app.client.clone();
+            tokio::spawn(async move { client.get(get(n)).await })
+        })
+        .collect();
+    pg::wait_until_sessions_wait_on_a_lock(&outside, 2).await;
+
+    let started = Instant::now();
+    let err = app.get_by_user("user-9").await.expect_err("shed");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("overloaded"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shedding must not queue"
+    );
+
+    lock.rollback().await.expect("unlock");
+    for call in in_progress {
+        let err = call.await.expect("no panic").expect_err("nothing linked");
+        assert_eq!(err.code(), Code::NotFound, "the admitted calls completed");
+    }
+    still_serving(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_deadline_gets_the_servers_default() {
+    let app = spawn_app_with(Backend::Postgres, |s| {
+        s.limits.default_deadline = Duration::from_millis(300);
+    })
+    .await;
+    let outside = app.db().await;
+    let lock = pg::lock_table(&outside).await;
+    let err = app
+        .get_by_user("user-1")
+        .await
+        .expect_err("the lock outlasts the deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    lock.rollback().await.expect("unlock");
+    still_serving(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_limit_per_connection_is_advertised_to_clients() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.max_concurrent_streams = 7).await;
+    let tcp = TcpStream::connect(app.addr).await.expect("connects");
+    let (_send, mut connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    let mut ping = connection.ping_pong().expect("a ping handle");
+    // The server's SETTINGS come before its answer to our PING.
+    tokio::select! {
+        pong = ping.ping(h2::Ping::opaque()) => drop(pong.expect("PONG")),
+        ended = &mut connection => panic!("the connection ended: {ended:?}"),
+    }
+    assert_eq!(connection.max_concurrent_send_streams(), 7);
+    still_serving(&app).await;
+    app.stop().await;
+}
+
+/// Reads whatever the server sends until it closes the connection.
+async fn closed_by_server(mut tcp: TcpStream, within: Duration) {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closes the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_dropped() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.limits.http2_keepalive_interval = Duration::from_millis(200);
+        s.limits.http2_keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut tcp = TcpStream::connect(app.addr).await.expect("connects");
+    tcp.write_all(&[PREFACE, EMPTY_SETTINGS].concat())
+        .await
+        .expect("send the preface");
+    // Never answer the server's PINGs, as a vanished peer wouldn't.
+    closed_by_server(tcp, Duration::from_secs(10)).await;
+    still_serving(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    const LIMIT: usize = 3;
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.max_connections = LIMIT).await;
+    // An accepted connection hears the server's SETTINGS; a refused one is
+    // closed without a byte.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..LIMIT + 2 {
+        let mut tcp = TcpStream::connect(app.addr).await.expect("TCP connects");
+        tcp.write_all(&[PREFACE, EMPTY_SETTINGS].concat())
+            .await
+            .ok();
+        let mut first = [0u8; 9];
+        match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => accepted.push(tcp),
+            Ok(_) => refused += 1,
+            Err(_) => panic!("neither served nor closed"),
+        }
+    }
+    assert!(refused >= 2, "{refused} refused");
+    assert!(accepted.len() < LIMIT, "the test's own client holds a slot");
+    // The test's own client, connected before, is unaffected.
+    app.link("user-1", "cus_1").await.expect("existing client");
+    app.stop().await;
+}
