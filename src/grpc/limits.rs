@@ -58,7 +58,8 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let limit = self.limit;
-        let path = request.uri().path().to_owned();
+        // Cheap: the URI's parts are reference-counted.
+        let uri = request.uri().clone();
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
@@ -70,7 +71,7 @@ where
             if refused {
                 metrics::record_request_refused("too_large");
                 tracing::warn!(
-                    path,
+                    path = uri.path(),
                     limit_bytes = limit,
                     code = metrics::code_name(Code::ResourceExhausted),
                     "request refused: message too large"

@@ -2,7 +2,7 @@
 //! authorization, load shedding, the server's deadline, one log line naming
 //! the caller, and metrics.
 
-use std::{borrow::Cow, future::Future, sync::Arc, time::Duration, time::Instant};
+use std::{fmt, future::Future, sync::Arc, time::Duration, time::Instant};
 
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::status;
 use crate::{
-    auth::{AuthError, Authorizer, Credentials, Rpc},
+    auth::{AuthError, Authorizer, Caller, Credentials, Rpc},
     proto::SERVICE_NAME,
     telemetry::metrics,
 };
@@ -40,12 +40,12 @@ impl Guard {
         rpc: Rpc,
         request: Request<Req>,
         handler: impl FnOnce(Req) -> Fut,
-    ) -> (Cow<'static, str>, Result<Res, Status>)
+    ) -> (CallerLabel, Result<Res, Status>)
     where
         Fut: Future<Output = Result<Res, Status>>,
     {
         let caller = match with_credentials(&request, |c| self.authorizer.authorize(c, rpc)) {
-            Ok(caller) => Cow::Owned(caller.to_string()),
+            Ok(caller) => CallerLabel::Known(caller),
             Err(err) => return (denied_caller(&err), Err(err.into())),
         };
         // Shed rather than queue: a caller told UNAVAILABLE at once can back
@@ -96,10 +96,25 @@ fn with_credentials<T, R>(request: &Request<T>, check: impl FnOnce(Credentials<'
     })
 }
 
-fn denied_caller(err: &AuthError) -> Cow<'static, str> {
+/// How the log line names the caller.
+enum CallerLabel {
+    Known(Caller),
+    Unauthenticated,
+}
+
+impl fmt::Display for CallerLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallerLabel::Known(caller) => caller.fmt(f),
+            CallerLabel::Unauthenticated => f.write_str("unauthenticated"),
+        }
+    }
+}
+
+fn denied_caller(err: &AuthError) -> CallerLabel {
     match err {
-        AuthError::Unauthenticated(_) => Cow::Borrowed("unauthenticated"),
-        AuthError::PermissionDenied { caller, .. } => Cow::Owned(caller.to_string()),
+        AuthError::Unauthenticated(_) => CallerLabel::Unauthenticated,
+        AuthError::PermissionDenied { caller, .. } => CallerLabel::Known(caller.clone()),
     }
 }
 
