@@ -16,7 +16,7 @@ use crate::{
     auth::Authorizer,
     config::{DatabaseSettings, Settings},
     grpc::{
-        CustomerMappingServer, CustomerMappingService, Guard, limits::RequestSizeLayer,
+        CustomerMappingServer, CustomerMappingService, Guard, limits::request_size_layer,
         reflection_interceptor,
     },
     health::{self, Health, ProbeSettings},
@@ -242,9 +242,7 @@ impl Application {
             .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .layer(RequestSizeLayer {
-                limit: limits.max_request_bytes,
-            })
+            .layer(request_size_layer(limits.max_request_bytes))
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
