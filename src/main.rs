@@ -8,7 +8,7 @@ use customer_mapping::{
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
-    telemetry::init(cli.settings.log_format);
+    let _flush_logs_on_exit = telemetry::init(cli.settings.log_format);
     let result = match cli.settings.load_secrets() {
         Err(err) => Err(err),
         Ok(()) => match cli.command.unwrap_or(Command::Serve) {

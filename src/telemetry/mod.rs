@@ -2,6 +2,7 @@
 
 pub mod metrics;
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;
@@ -10,21 +11,53 @@ use crate::config::LogFormat;
 /// already exists, skipping" from idempotent migrations).
 const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=warn";
 
+/// Log lines that may wait for the writer thread before a logging call
+/// blocks (it blocks rather than drop lines: nothing is lost).
+const BUFFERED_LINES: usize = 16 * 1024;
+
 /// Installs the global subscriber: level from `RUST_LOG` (default `info`),
 /// text or JSON lines on stdout.
-pub fn init(format: LogFormat) {
+///
+/// Lines are written by a dedicated thread, so the `write` to stdout (one
+/// per RPC, 9% of the server's CPU under load when done inline) leaves the
+/// request path. Keep the returned guard until exit: dropping it flushes.
+#[must_use = "dropping the guard stops logging; keep it until exit"]
+pub fn init(format: LogFormat) -> WorkerGuard {
+    let (stdout, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("log-writer")
+        // Buffered: the thread writes every line waiting in one `write`.
+        .finish(LineBatches(std::io::BufWriter::new(std::io::stdout())));
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Text => registry.with(fmt::layer().with_writer(stdout)).init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false),
+                    .with_current_span(false)
+                    .with_writer(stdout),
             )
             .init(),
+    }
+    guard
+}
+
+/// The log thread's writer. tracing-appender writes each waiting line, then
+/// flushes once the queue is empty; through a `BufWriter` that makes one
+/// `write(2)` per batch instead of one per line.
+struct LineBatches(std::io::BufWriter<std::io::Stdout>);
+
+impl std::io::Write for LineBatches {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
