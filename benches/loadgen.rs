@@ -112,6 +112,10 @@ struct Args {
     /// the address is read from it.
     #[arg(long, value_parser = parse_env)]
     server_env: Vec<(String, String)>,
+    /// Another server binary to run (A/B comparisons of builds); default:
+    /// this build's.
+    #[arg(long)]
+    server_bin: Option<std::path::PathBuf>,
     /// A few seconds of everything, small: proves the tool works (CI).
     #[arg(long)]
     smoke: bool,
@@ -133,6 +137,67 @@ struct Measured {
     seconds: f64,
     latency_us: Histogram<u64>,
     codes: BTreeMap<String, u64>,
+    /// CPU spent during the measured window, by process.
+    cpu: Cpu,
+}
+
+/// CPU seconds (user + system) of the load generator (the client), the
+/// server process and every PostgreSQL process. On a machine where all
+/// three share the cores, throughput is bounded by the sum per operation:
+/// this is how the report shows where the time goes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    client: f64,
+    server: f64,
+    database: f64,
+}
+
+impl Cpu {
+    fn now(server_pid: u32) -> Self {
+        let database = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| {
+                std::fs::read_to_string(entry.path().join("comm"))
+                    .is_ok_and(|comm| comm.trim() == "postgres")
+            })
+            .filter_map(|entry| cpu_seconds(&entry.file_name().to_string_lossy()))
+            .sum();
+        Self {
+            client: cpu_seconds("self").unwrap_or(0.0),
+            server: cpu_seconds(&server_pid.to_string()).unwrap_or(0.0),
+            database,
+        }
+    }
+
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            client: self.client - earlier.client,
+            server: self.server - earlier.server,
+            database: self.database - earlier.database,
+        }
+    }
+
+    /// Microseconds per operation, as `client/server/database`.
+    fn per_op(&self, ops: u64) -> String {
+        let us = |s: f64| s * 1e6 / ops.max(1) as f64;
+        format!(
+            "{:.0}/{:.0}/{:.0}",
+            us(self.client),
+            us(self.server),
+            us(self.database)
+        )
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds (USER_HZ is 100 on Linux).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 impl Measured {
@@ -155,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if !args.json {
         println!(
-            "{:<9} {:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8} {:>6} {:>6}  codes",
+            "{:<9} {:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8} {:>6} {:>6} {:>12} {:>12}  codes",
             "database",
             "scenario",
             "inflt",
@@ -168,7 +233,9 @@ async fn main() -> anyhow::Result<()> {
             "sql ops/s",
             "sql p99",
             "tput",
-            "p99"
+            "p99",
+            "cpu c/s/d",
+            "sql c/s/d"
         );
     }
     for &db in &args.database {
@@ -180,7 +247,12 @@ async fn main() -> anyhow::Result<()> {
 async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     let database = BenchDatabase::create(db).await?;
     let started = Instant::now();
-    let mut server = Server::start(&database.url, args.pool_size, &args.server_env)?;
+    let mut server = Server::start(
+        args.server_bin.as_deref(),
+        &database.url,
+        args.pool_size,
+        &args.server_env,
+    )?;
     let addr = server.addr;
     wait_serving(addr).await?;
     let startup = started.elapsed();
@@ -198,7 +270,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
 
     for &scenario in &args.scenario {
         for &in_flight in &args.in_flight {
-            let service = measure(args, in_flight, {
+            let service = measure(args, server.child.id(), in_flight, {
                 let (channels, fresh) = (channels.clone(), fresh.clone());
                 let rows = args.rows;
                 move |task, rng| {
@@ -210,7 +282,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
                 }
             })
             .await;
-            let direct = measure(args, in_flight, {
+            let direct = measure(args, server.child.id(), in_flight, {
                 let (pool, fresh) = (ceiling.clone(), fresh.clone());
                 let rows = args.rows;
                 move |_, rng| {
@@ -422,13 +494,19 @@ async fn sql_link(pool: &Pool, user: &str, customer: &str) -> Result<&'static st
 
 /// Runs `in_flight` tasks, each issuing one request at a time, for the
 /// warm-up and then the measured duration.
-async fn measure<F, Fut>(args: &Args, in_flight: usize, op: F) -> Measured
+async fn measure<F, Fut>(args: &Args, server_pid: u32, in_flight: usize, op: F) -> Measured
 where
     F: Fn(usize, &mut SmallRng) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = String> + Send,
 {
     let warmup_ends = Instant::now() + args.warmup;
     let ends = warmup_ends + args.duration;
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(warmup_ends.into()).await;
+        let start = Cpu::now(server_pid);
+        tokio::time::sleep_until(ends.into()).await;
+        Cpu::now(server_pid).since(start)
+    });
     let tasks = (0..in_flight).map(|task| {
         let op = op.clone();
         tokio::spawn(async move {
@@ -463,6 +541,7 @@ where
         seconds: args.duration.as_secs_f64(),
         latency_us,
         codes,
+        cpu: cpu.await.unwrap_or_default(),
     }
 }
 
@@ -495,6 +574,15 @@ fn report(
                 "ceiling_codes": direct.codes,
                 "throughput_ratio": tput_ratio,
                 "p99_ratio": p99_ratio,
+                "cpu_us_per_op": {
+                    "client": service.cpu.client * 1e6 / service.ops.max(1) as f64,
+                    "server": service.cpu.server * 1e6 / service.ops.max(1) as f64,
+                    "database": service.cpu.database * 1e6 / service.ops.max(1) as f64,
+                },
+                "ceiling_cpu_us_per_op": {
+                    "client": direct.cpu.client * 1e6 / direct.ops.max(1) as f64,
+                    "database": direct.cpu.database * 1e6 / direct.ops.max(1) as f64,
+                },
             })
         );
     } else {
@@ -504,7 +592,7 @@ fn report(
             .map(|(c, n)| format!("{c}={n}"))
             .collect();
         println!(
-            "{:<9} {:<13} {:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>8.2} {:>6.2} {:>6.2}  {}",
+            "{:<9} {:<13} {:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>8.2} {:>6.2} {:>6.2} {:>12} {:>12}  {}",
             format!("{db:?}"),
             format!("{scenario:?}"),
             in_flight,
@@ -518,6 +606,8 @@ fn report(
             direct.quantile_ms(0.99),
             tput_ratio,
             p99_ratio,
+            service.cpu.per_op(service.ops),
+            direct.cpu.per_op(direct.ops),
             codes.join(" ")
         );
     }
@@ -563,6 +653,11 @@ impl BenchDatabase {
                 conn.close().await;
                 let mut url = url::Url::parse(&admin)?;
                 url.set_path(&name);
+                // Loopback: measure the service, not TLS. Both paths use this
+                // URL; sqlx would otherwise negotiate TLS (`prefer`).
+                if !url.query_pairs().any(|(k, _)| k == "sslmode") {
+                    url.query_pairs_mut().append_pair("sslmode", "disable");
+                }
                 Ok(Self {
                     db,
                     url: url.to_string(),
@@ -656,9 +751,16 @@ struct Server {
 }
 
 impl Server {
-    fn start(url: &str, pool_size: u32, env: &[(String, String)]) -> anyhow::Result<Self> {
+    fn start(
+        binary: Option<&std::path::Path>,
+        url: &str,
+        pool_size: u32,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_customer-mapping"))
+        let binary =
+            binary.unwrap_or_else(|| std::path::Path::new(env!("CARGO_BIN_EXE_customer-mapping")));
+        let mut child = Command::new(binary)
             .env("DATABASE_URL", url)
             .env("LISTEN_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
