@@ -8,31 +8,11 @@ use std::time::Duration;
 
 use common::{
     Backend, TestApp,
+    raw::{EMPTY_SETTINGS, PREFACE, closed_by_server},
     tls::{Security, spawn_secure},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
-
-/// Reads whatever the server sends until it closes the connection.
-async fn closed_by_server(tcp: &mut TcpStream, within: Duration) {
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(within, async {
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the server closes the connection");
-}
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 async fn serves(app: &TestApp, n: u32) {
     app.link(&format!("user-{n}"), &format!("cus_{n}"))

@@ -5,17 +5,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestApp, pg, spawn_app_with};
+use common::{
+    Backend, TestApp, pg,
+    raw::{EMPTY_SETTINGS, PREFACE, closed_by_server},
+    spawn_app_with,
+};
 use customer_mapping::proto::{GetRequest, LinkRequest, get_request};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use tonic::Code;
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
-const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 
 fn get(n: u32) -> GetRequest {
     GetRequest {
@@ -126,21 +126,6 @@ async fn the_stream_limit_per_connection_is_advertised_to_clients() {
     app.stop().await;
 }
 
-/// Reads whatever the server sends until it closes the connection.
-async fn closed_by_server(mut tcp: TcpStream, within: Duration) {
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(within, async {
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the server closes the connection");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_answering_pings_is_dropped() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
@@ -153,7 +138,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
         .await
         .expect("send the preface");
     // Never answer the server's PINGs, as a vanished peer wouldn't.
-    closed_by_server(tcp, Duration::from_secs(10)).await;
+    closed_by_server(&mut tcp, Duration::from_secs(10)).await;
     still_serving(&app).await;
     app.stop().await;
 }

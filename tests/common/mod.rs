@@ -9,6 +9,7 @@ pub mod pg;
 pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
+pub mod raw;
 pub mod tls;
 
 use std::{net::SocketAddr, time::Duration};
@@ -62,8 +63,49 @@ pub struct TestApp {
     pub client: Client,
     pub backend: Backend,
     pub database: TestDatabase,
+    server: RunningServer,
+}
+
+/// An `Application` serving in this process until stopped.
+pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    pub fn spawn(app: Application) -> Self {
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        Self {
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server gracefully and waits for it to finish.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("the server task did not panic")
+                .expect("the server stopped cleanly");
+        }
+    }
+
+    /// Stops serving at once (when a test ends without `stop`, before its
+    /// database goes away).
+    pub fn abort(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
@@ -129,18 +171,14 @@ pub async fn spawn_unready(
         .expect("the application builds");
     let addr = app.local_addr();
     let metrics_addr = app.metrics_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        let _ = rx.await;
-    }));
+    let server = RunningServer::spawn(app);
     TestApp {
         addr,
         metrics_addr,
         client: connect(addr).await,
         backend,
         database,
-        shutdown: Some(tx),
-        server: Some(server),
+        server,
     }
 }
 
@@ -189,15 +227,7 @@ impl TestApp {
 
     /// Stops the server gracefully and waits for it to finish.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("the server task did not panic")
-                .expect("the server stopped cleanly");
-        }
+        self.server.stop().await;
     }
 
     pub async fn link(
@@ -272,13 +302,7 @@ pub async fn read_rows(db: &DatabaseConnection) -> Vec<(String, String)> {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        // Stop serving before the database goes away.
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
+        self.server.abort();
     }
 }
 

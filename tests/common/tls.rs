@@ -8,11 +8,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::{Backend, Client, TestDatabase, test_settings, wait_for_health};
+use super::{Backend, Client, RunningServer, TestDatabase, test_settings, wait_for_health};
 
 /// A certificate authority made for one test.
 pub struct Ca {
@@ -102,8 +101,13 @@ pub struct SecureApp {
     pub key_file: PathBuf,
     _files: tempfile::TempDir,
     _database: TestDatabase,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    server: RunningServer,
+}
+
+impl Drop for SecureApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }
 
 pub async fn spawn_secure(security: Security<'_>) -> SecureApp {
@@ -114,11 +118,11 @@ pub async fn spawn_secure(security: Security<'_>) -> SecureApp {
         std::fs::write(&path, contents).expect("write a test file");
         path
     };
-    let server = ca.server();
+    let server_pem = ca.server();
     let database = TestDatabase::create(Backend::Sqlite).await;
     let mut settings = test_settings(database.url.clone());
-    settings.tls.tls_cert_file = Some(write("server.pem", &server.cert));
-    settings.tls.tls_key_file = Some(write("server.key", &server.key));
+    settings.tls.tls_cert_file = Some(write("server.pem", &server_pem.cert));
+    settings.tls.tls_key_file = Some(write("server.key", &server_pem.key));
     if security.mutual {
         settings.tls.tls_client_ca_file = Some(write("client-ca.pem", &ca.pem()));
     }
@@ -133,10 +137,7 @@ pub async fn spawn_secure(security: Security<'_>) -> SecureApp {
         .expect("the application builds");
     let addr = app.local_addr();
     let health_addr = app.health_addr().expect("a health address");
-    let (tx, rx) = oneshot::channel::<()>();
-    let server_task = tokio::spawn(app.run_until(async {
-        let _ = rx.await;
-    }));
+    let server = RunningServer::spawn(app);
     wait_for_health(health_addr, "", ServingStatus::Serving).await;
     SecureApp {
         addr,
@@ -146,8 +147,7 @@ pub async fn spawn_secure(security: Security<'_>) -> SecureApp {
         key_file: settings.tls.tls_key_file.clone().expect("set above"),
         _files: files,
         _database: database,
-        shutdown: Some(tx),
-        server: Some(server_task),
+        server,
     }
 }
 
@@ -166,15 +166,7 @@ impl SecureApp {
     }
 
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("the server task did not panic")
-                .expect("the server stopped cleanly");
-        }
+        self.server.stop().await;
     }
 }
 
