@@ -4,10 +4,9 @@
 //! INVALID_ARGUMENT. Never a panic, never INTERNAL, and the table holds
 //! exactly what was acknowledged.
 //!
-//! `decode_and_validate_never_panics` is the fuzz target: the server's own
-//! decode-then-validate path fed arbitrary bytes in process. (cargo-fuzz
-//! would need nightly and an instrumented rebuild of every dependency; a
-//! proptest harness runs on the stable toolchain inside `cargo test`.)
+//! `decode_and_validate_never_panics` is the quick, in-`cargo test` cousin of
+//! the libFuzzer target in `fuzz/`: the server's own decode-then-validate
+//! path fed arbitrary bytes in process.
 
 mod common;
 
