@@ -18,10 +18,15 @@
 //! indexes, and the answer to a conflict must be read after it (see
 //! `store::try_link`). Get and Unlink are one statement each.
 
+// The test helpers, shared rather than copied: the benchmark starts the
+// server and its databases exactly as the tests do. It uses only part of
+// them.
+#[allow(dead_code)]
+#[path = "../tests/api/helpers/mod.rs"]
+mod helpers;
+
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -35,12 +40,14 @@ use customer_mapping::proto::{
     get_request, unlink_request,
 };
 use hdrhistogram::Histogram;
+use helpers::{
+    Backend, TestDatabase,
+    process::{Output, ServerProcess},
+};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use sea_orm::sqlx::{self, Row};
 use tonic::transport::Channel;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A pool straight to the database, bypassing the service.
 #[derive(Clone)]
@@ -245,18 +252,35 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
-    let database = BenchDatabase::create(db).await?;
+    let database = TestDatabase::create(match db {
+        Db::Postgres => Backend::Postgres,
+        Db::Sqlite => Backend::Sqlite,
+    })
+    .await;
+    // Loopback: measure the service, not TLS. Both paths use this URL; sqlx
+    // would otherwise negotiate TLS (`prefer`).
+    let url = without_tls(db, &database.url)?;
     let started = Instant::now();
-    let mut server = Server::start(
-        args.server_bin.as_deref(),
-        &database.url,
-        args.pool_size,
-        &args.server_env,
-    )?;
+    let pool_size = args.pool_size.to_string();
+    let mut env = vec![
+        ("DATABASE_URL", url.as_str()),
+        ("DATABASE_MAX_CONNECTIONS", pool_size.as_str()),
+        ("HEALTH_PROBE_INTERVAL", "1s"),
+    ];
+    env.extend(
+        args.server_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let binary = args
+        .server_bin
+        .as_deref()
+        .unwrap_or_else(|| std::path::Path::new(helpers::process::BINARY));
+    let server = ServerProcess::start_binary(binary, &env, Output::Discard);
     let addr = server.addr;
-    wait_serving(addr).await?;
+    helpers::wait_for_health(addr, "", ServingStatus::Serving).await;
     let startup = started.elapsed();
-    let ceiling = database.pool(args.pool_size).await?;
+    let ceiling = ceiling_pool(db, &url, args.pool_size).await?;
     preload(&ceiling, args.rows).await?;
 
     let channels = (0..args.connections)
@@ -270,7 +294,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
 
     for &scenario in &args.scenario {
         for &in_flight in &args.in_flight {
-            let service = measure(args, server.child.id(), in_flight, {
+            let service = measure(args, server.pid(), in_flight, {
                 let (channels, fresh) = (channels.clone(), fresh.clone());
                 let rows = args.rows;
                 move |task, rng| {
@@ -282,7 +306,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
                 }
             })
             .await;
-            let direct = measure(args, server.child.id(), in_flight, {
+            let direct = measure(args, server.pid(), in_flight, {
                 let (pool, fresh) = (ceiling.clone(), fresh.clone());
                 let rows = args.rows;
                 move |_, rng| {
@@ -296,8 +320,9 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
         }
     }
 
-    let rss = server.peak_rss_kib();
-    server.stop();
+    let rss = peak_rss_kib(server.pid());
+    server.sigterm();
+    server.exited(Duration::from_secs(30)).await;
     on_pool!(&ceiling, p => p.close().await);
     let summary = format!(
         "{db:?}: server start to SERVING {:.0} ms, peak RSS {:.1} MiB, {} preloaded rows",
@@ -318,7 +343,8 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     } else {
         println!("{summary}");
     }
-    database.drop().await
+    drop(database);
+    Ok(())
 }
 
 /// One request, drawn for a scenario.
@@ -613,100 +639,57 @@ fn report(
     }
 }
 
-/// A fresh database for one benchmark run.
-struct BenchDatabase {
-    db: Db,
-    url: String,
-    admin: Option<(String, String)>,
-    _dir: Option<tempfile::TempDir>,
+/// VmHWM: the most resident memory process `pid` ever had, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-impl BenchDatabase {
-    async fn create(db: Db) -> anyhow::Result<Self> {
-        match db {
-            Db::Sqlite => {
-                let dir = tempfile::tempdir()?;
-                let url = format!(
-                    "sqlite://{}?mode=rwc",
-                    dir.path().join("bench.db").display()
-                );
-                Ok(Self {
-                    db,
-                    url,
-                    admin: None,
-                    _dir: Some(dir),
-                })
-            }
-            Db::Postgres => {
-                let admin = std::env::var("TEST_DATABASE_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-                let name = format!("cm_bench_{}", std::process::id());
-                let conn = sqlx::PgPool::connect(&admin).await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
-                )))
-                .execute(&conn)
-                .await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
-                    .execute(&conn)
-                    .await?;
-                conn.close().await;
-                let mut url = url::Url::parse(&admin)?;
-                url.set_path(&name);
-                // Loopback: measure the service, not TLS. Both paths use this
-                // URL; sqlx would otherwise negotiate TLS (`prefer`).
-                if !url.query_pairs().any(|(k, _)| k == "sslmode") {
-                    url.query_pairs_mut().append_pair("sslmode", "disable");
-                }
-                Ok(Self {
-                    db,
-                    url: url.to_string(),
-                    admin: Some((admin, name)),
-                    _dir: None,
-                })
-            }
-        }
+/// `url` with TLS off for PostgreSQL (loopback: the benchmark measures the
+/// service, not TLS).
+fn without_tls(db: Db, url: &str) -> anyhow::Result<String> {
+    if db == Db::Sqlite {
+        return Ok(url.to_owned());
     }
+    let mut url = url::Url::parse(url)?;
+    if !url.query_pairs().any(|(k, _)| k == "sslmode") {
+        url.query_pairs_mut().append_pair("sslmode", "disable");
+    }
+    Ok(url.to_string())
+}
 
-    /// A direct pool configured as the server configures its own.
-    async fn pool(&self, size: u32) -> anyhow::Result<Pool> {
-        Ok(match self.db {
-            Db::Postgres => Pool::Pg(
-                sqlx::postgres::PgPoolOptions::new()
+/// The ceiling's pool straight to the database: the size the server's pool
+/// has, and no ping before handing out a connection (the cheapest way to
+/// run a statement through sqlx; the server pings only connections that sat
+/// idle).
+async fn ceiling_pool(db: Db, url: &str, size: u32) -> anyhow::Result<Pool> {
+    Ok(match db {
+        Db::Postgres => Pool::Pg(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(size)
+                .test_before_acquire(false)
+                .connect(url)
+                .await?,
+        ),
+        Db::Sqlite => {
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+            let options: SqliteConnectOptions = url.parse()?;
+            let options = options
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(5));
+            Pool::Sqlite(
+                sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(size)
-                    .connect(&self.url)
+                    .test_before_acquire(false)
+                    .connect_with(options)
                     .await?,
-            ),
-            Db::Sqlite => {
-                use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-                let options: SqliteConnectOptions = self.url.parse()?;
-                let options = options
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Full)
-                    .busy_timeout(Duration::from_secs(5));
-                Pool::Sqlite(
-                    sqlx::sqlite::SqlitePoolOptions::new()
-                        .max_connections(size)
-                        .test_before_acquire(false)
-                        .connect_with(options)
-                        .await?,
-                )
-            }
-        })
-    }
-
-    async fn drop(self) -> anyhow::Result<()> {
-        if let Some((admin, name)) = self.admin {
-            let conn = sqlx::PgPool::connect(&admin).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
-            )))
-            .execute(&conn)
-            .await?;
-            conn.close().await;
+            )
         }
-        Ok(())
-    }
+    })
 }
 
 /// Inserts `user-{i}` <-> `cus_{i}` for i in 0..rows, in one statement.
@@ -742,88 +725,4 @@ async fn preload(pool: &Pool, rows: u64) -> anyhow::Result<()> {
     };
     anyhow::ensure!(n as u64 == rows, "preloaded {n} rows, wanted {rows}");
     Ok(())
-}
-
-/// The release server as a child process.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn start(
-        binary: Option<&std::path::Path>,
-        url: &str,
-        pool_size: u32,
-        env: &[(String, String)],
-    ) -> anyhow::Result<Self> {
-        use std::io::{BufRead, BufReader};
-        let binary =
-            binary.unwrap_or_else(|| std::path::Path::new(env!("CARGO_BIN_EXE_customer-mapping")));
-        let mut child = Command::new(binary)
-            .env("DATABASE_URL", url)
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("LOG_FORMAT", "json")
-            .env("DATABASE_MAX_CONNECTIONS", pool_size.to_string())
-            .env("HEALTH_PROBE_INTERVAL", "1s")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("server exited"))??;
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if event["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("serving"))
-            {
-                break event["addr"].as_str().unwrap_or_default().parse()?;
-            }
-        };
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        Ok(Self { child, addr })
-    }
-
-    /// VmHWM: the most resident memory the process ever had.
-    fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    }
-
-    fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_serving(addr: SocketAddr) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
-    let mut health = HealthClient::new(channel);
-    let mut updates = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner();
-    while let Some(update) = updates.message().await? {
-        if update.status == ServingStatus::Serving as i32 {
-            return Ok(());
-        }
-    }
-    anyhow::bail!("health never became SERVING")
 }

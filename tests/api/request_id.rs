@@ -1,10 +1,10 @@
 //! Every reply carries `x-request-id`: the caller's when it sent a usable
 //! one, a fresh one otherwise, on success and on error alike.
 
-mod common;
+use crate::helpers;
 
-use common::TestApp;
 use customer_mapping::proto::{GetRequest, LinkRequest, get_request};
+use helpers::TestApp;
 
 fn link_request(id: Option<&str>) -> tonic::Request<LinkRequest> {
     let mut request = tonic::Request::new(LinkRequest {

@@ -1,8 +1,8 @@
 //! Get and Unlink by either key, NOT_FOUND, and linking again after Unlink.
 
-mod common;
+use crate::helpers;
 
-use common::{TestApp, assert_not_found};
+use helpers::{TestApp, assert_not_found};
 
 on_both_databases!(
     get_finds_a_mapping_by_either_key,

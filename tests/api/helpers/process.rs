@@ -19,11 +19,27 @@ pub struct ServerProcess {
     arrived: Arc<Condvar>,
 }
 
+/// What becomes of the server's output once it is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Kept, for [`ServerProcess::lines`] and friends.
+    Keep,
+    /// Read and thrown away (a benchmark's millions of request lines), so
+    /// the server never blocks on a full pipe.
+    Discard,
+}
+
 impl ServerProcess {
     /// Starts `customer-mapping serve` on an ephemeral port with JSON logs
     /// and the given environment, and waits for its "serving" line.
     pub fn start(envs: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BINARY)
+        Self::start_binary(std::path::Path::new(BINARY), envs, Output::Keep)
+    }
+
+    /// [`Self::start`] with another build of the server (A/B benchmarks),
+    /// choosing what happens to its output.
+    pub fn start_binary(binary: &std::path::Path, envs: &[(&str, &str)], output: Output) -> Self {
+        let mut child = Command::new(binary)
             .arg("serve")
             .env("LISTEN_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
@@ -36,7 +52,7 @@ impl ServerProcess {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(Condvar::new());
         let (serving_tx, serving_rx) = mpsc::channel();
-        for output in [
+        for stream in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
         ] {
@@ -44,9 +60,14 @@ impl ServerProcess {
             let arrived = arrived.clone();
             let serving_tx = serving_tx.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(output).lines().map_while(Result::ok) {
+                let mut serving = false;
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if let Some(addr) = serving_addr(&line) {
+                        serving = true;
                         let _ = serving_tx.send(addr);
+                    }
+                    if serving && output == Output::Discard {
+                        continue;
                     }
                     lines.lock().expect("log lines").push(line);
                     arrived.notify_all();

@@ -1,11 +1,11 @@
 //! gRPC health follows the database: NOT_SERVING until it first answers,
 //! flipping both ways while the server keeps running.
 
-mod common;
+use crate::helpers;
 
 use std::time::Duration;
 
-use common::Backend;
+use helpers::Backend;
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -17,7 +17,7 @@ const SERVICE: &str = "customermapping.v1.CustomerMapping";
 const FLIP_WITHIN: Duration = Duration::from_secs(5);
 
 async fn check(addr: std::net::SocketAddr, service: &str) -> Result<ServingStatus, tonic::Status> {
-    let mut health = HealthClient::new(common::channel(addr).await);
+    let mut health = HealthClient::new(helpers::channel(addr).await);
     let reply = health
         .check(HealthCheckRequest {
             service: service.into(),
@@ -42,9 +42,9 @@ async fn next_status(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_database_from_start_through_outages() {
     // The database is unreachable before the server even starts.
-    let (database, proxy, settings) = common::postgres_behind_proxy().await;
+    let (database, proxy, settings) = helpers::postgres_behind_proxy().await;
     proxy.cut();
-    let app = common::spawn_unready(Backend::Postgres, database, settings).await;
+    let app = helpers::spawn_unready(Backend::Postgres, database, settings).await;
 
     // It serves anyway: health NOT_SERVING for both names, RPCs UNAVAILABLE.
     for service in ["", SERVICE] {
@@ -59,7 +59,7 @@ async fn health_follows_the_database_from_start_through_outages() {
         .expect_err("no database yet");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
-    let mut health = HealthClient::new(common::channel(app.addr).await);
+    let mut health = HealthClient::new(helpers::channel(app.addr).await);
     let mut updates = health
         .watch(HealthCheckRequest {
             service: SERVICE.into(),
@@ -96,7 +96,7 @@ async fn health_follows_the_database_from_start_through_outages() {
     );
 }
 
-async fn both_names_are_serving_and_unknown_names_are_not_found(app: common::TestApp) {
+async fn both_names_are_serving_and_unknown_names_are_not_found(app: helpers::TestApp) {
     for service in ["", SERVICE] {
         assert_eq!(
             check(app.addr, service).await.expect("Check"),

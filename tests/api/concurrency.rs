@@ -2,15 +2,15 @@
 //! exactly one winner and answers that name it; a randomized stress of
 //! Link / Unlink / Get keeps every answer and the final table consistent.
 
-mod common;
+use crate::helpers;
 
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
 
-use common::{Backend, Client, TestApp, assert_already_linked};
 use customer_mapping::proto::{LinkResponse, get_request, unlink_request};
+use helpers::{Backend, Client, TestApp, assert_already_linked};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::sync::Barrier;
 use tonic::{Code, Status};
@@ -22,7 +22,7 @@ const CONNECTIONS: usize = 8;
 
 /// A server whose pool is big enough for real overlap between transactions.
 async fn spawn_concurrent_app(backend: Backend) -> TestApp {
-    common::spawn_app_with(backend, |s| s.database.database_max_connections = 8).await
+    helpers::spawn_app_with(backend, |s| s.database.database_max_connections = 8).await
 }
 
 async fn clients(app: &TestApp) -> Vec<Client> {
@@ -45,7 +45,7 @@ async fn link_all_at_once(
         let barrier = barrier.clone();
         tokio::spawn(async move {
             barrier.wait().await;
-            common::link(&mut client, &user, &customer).await
+            helpers::link(&mut client, &user, &customer).await
         })
     });
     futures::future::join_all(calls)
@@ -152,21 +152,21 @@ async fn randomized_link_unlink_get_stays_consistent(backend: Backend) {
                     0..=2 => check_link(&mut client, &user, &customer, &mut tally).await,
                     3 => {
                         let key = unlink_request::Key::UserId(user.clone());
-                        check_unlink(common::unlink(&mut client, key).await, &mut tally, |m| {
+                        check_unlink(helpers::unlink(&mut client, key).await, &mut tally, |m| {
                             m.user_id == user
                         })
                     }
                     4 => {
                         let key = unlink_request::Key::StripeCustomerId(customer.clone());
-                        check_unlink(common::unlink(&mut client, key).await, &mut tally, |m| {
+                        check_unlink(helpers::unlink(&mut client, key).await, &mut tally, |m| {
                             m.stripe_customer_id == customer
                         })
                     }
                     _ => {
                         let key = get_request::Key::UserId(user.clone());
-                        match common::get(&mut client, key).await {
+                        match helpers::get(&mut client, key).await {
                             Ok(m) => assert_eq!(m.user_id, user),
-                            Err(status) => common::assert_not_found(&status),
+                            Err(status) => helpers::assert_not_found(&status),
                         }
                     }
                 }
@@ -214,7 +214,7 @@ async fn randomized_link_unlink_get_stays_consistent(backend: Backend) {
 }
 
 async fn check_link(client: &mut Client, user: &str, customer: &str, tally: &mut Tally) {
-    match common::link(client, user, customer).await {
+    match helpers::link(client, user, customer).await {
         Ok(reply) => {
             let m = reply.mapping.expect("mapping");
             assert_eq!(
@@ -266,7 +266,7 @@ fn check_unlink(
                 .entry((m.user_id, m.stripe_customer_id))
                 .or_default() += 1;
         }
-        Err(status) => common::assert_not_found(&status),
+        Err(status) => helpers::assert_not_found(&status),
     }
 }
 

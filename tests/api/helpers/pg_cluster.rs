@@ -72,9 +72,9 @@ impl PgCluster {
     /// `None` (after saying why) where no PostgreSQL binaries exist.
     pub fn start_new() -> Option<Self> {
         let Some(bin) = binaries() else {
-            eprintln!(
+            super::report(
                 "SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql/*/bin \
-                 (initdb, pg_ctl); install the postgresql package to run the fault tests"
+                 (initdb, pg_ctl); install the postgresql package to run the fault tests",
             );
             return None;
         };

@@ -477,6 +477,8 @@ pub fn assert_linearizable(
             listing.join("\n")
         );
     }
-    eprintln!("{scenario}: {total} operations checked, {unknown} indeterminate: linearizable");
+    super::report(&format!(
+        "{scenario}: {total} operations checked, {unknown} indeterminate: linearizable"
+    ));
     (total, unknown)
 }

@@ -1,9 +1,9 @@
 //! The connection to PostgreSQL can be encrypted: `sslmode=require` (or
 //! `verify-full` with `sslrootcert=`) in DATABASE_URL.
 
-mod common;
+use crate::helpers;
 
-use common::{Backend, TestDatabase, pg, spawn_on, test_settings};
+use helpers::{Backend, TestDatabase, pg, spawn_on, test_settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_talks_to_postgres_over_tls_when_the_url_asks() {

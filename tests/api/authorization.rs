@@ -3,16 +3,16 @@
 //! PERMISSION_DENIED (known caller) or UNAUTHENTICATED (unknown one), and
 //! the log line names the caller.
 
-mod common;
+use crate::helpers;
 
 use std::collections::HashMap;
 
-use common::{
-    process::ServerProcess,
-    tls::{Ca, Pem, Security, spawn_secure},
-};
 use customer_mapping::proto::{
     GetRequest, LinkRequest, UnlinkRequest, get_request, unlink_request,
+};
+use helpers::{
+    process::ServerProcess,
+    tls::{Ca, Pem, Security, spawn_secure},
 };
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Status};
@@ -231,7 +231,7 @@ async fn the_log_line_names_the_caller_and_never_the_token() {
         ("TLS_KEY_FILE", &key),
         ("POLICY_FILE", &policy),
     ]);
-    let mut client = common::tls::connect_tls(process.addr, &ca.pem(), None)
+    let mut client = helpers::tls::connect_tls(process.addr, &ca.pem(), None)
         .await
         .expect("connects");
 

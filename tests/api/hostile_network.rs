@@ -2,11 +2,11 @@
 //! frames, and slow-loris connections are closed, and never stop the server
 //! from serving others.
 
-mod common;
+use crate::helpers;
 
 use std::time::Duration;
 
-use common::{
+use helpers::{
     Backend, TestApp,
     raw::{EMPTY_SETTINGS, PREFACE, closed_by_server},
     tls::{Security, spawn_secure},
@@ -59,7 +59,7 @@ fn payloads() -> Vec<(&'static str, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_malformed_frames_are_closed_and_others_are_served() {
-    let app = common::spawn_app(Backend::Sqlite).await;
+    let app = helpers::spawn_app(Backend::Sqlite).await;
     for (n, (what, bytes)) in (0u32..).zip(payloads()) {
         let mut tcp = TcpStream::connect(app.addr).await.expect("connects");
         // The server may close before reading everything.
@@ -74,7 +74,7 @@ async fn garbage_and_malformed_frames_are_closed_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_connections_are_cut_and_do_not_starve_others() {
-    let app = common::spawn_app_with(Backend::Sqlite, |s| {
+    let app = helpers::spawn_app_with(Backend::Sqlite, |s| {
         s.limits.handshake_timeout = Duration::from_millis(500);
     })
     .await;

@@ -2,10 +2,10 @@
 //! certificates picked up without a restart, and plaintext health kept for
 //! Kubernetes probes.
 
-mod common;
+use crate::helpers;
 
-use common::tls::{Ca, Security, connect_tls, spawn_secure};
 use customer_mapping::{proto::LinkRequest, startup::Application};
+use helpers::tls::{Ca, Security, connect_tls, spawn_secure};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -22,7 +22,7 @@ fn link_request(n: u32) -> LinkRequest {
 /// connect, or its first call fails at the transport (the client reports a
 /// connection closed mid-handshake as UNAVAILABLE, UNKNOWN or CANCELLED).
 /// Tests then check that its Link left no row.
-async fn assert_refused(client: Result<common::Client, tonic::transport::Error>, why: &str) {
+async fn assert_refused(client: Result<helpers::Client, tonic::transport::Error>, why: &str) {
     if let Ok(mut client) = client {
         let err = client.link(link_request(999)).await.expect_err(why);
         assert!(
@@ -36,7 +36,7 @@ async fn assert_refused(client: Result<common::Client, tonic::transport::Error>,
 }
 
 /// The refused clients' Link (user-999) never reached the database.
-async fn assert_no_refused_link(client: &mut common::Client) {
+async fn assert_no_refused_link(client: &mut helpers::Client) {
     let err = client
         .get(customer_mapping::proto::GetRequest {
             key: Some(customer_mapping::proto::get_request::Key::UserId(
@@ -60,7 +60,7 @@ async fn tls_serves_and_plaintext_clients_are_refused() {
         .connect()
         .await
     {
-        Ok(channel) => Ok(common::Client::new(channel)),
+        Ok(channel) => Ok(helpers::Client::new(channel)),
         Err(err) => Err(err),
     };
     assert_refused(plaintext, "a plaintext client must be refused").await;
@@ -173,7 +173,7 @@ async fn plaintext_health_listener_serves_health_and_nothing_else() {
         .status;
     assert_eq!(status, ServingStatus::Serving as i32);
 
-    let err = common::Client::new(channel)
+    let err = helpers::Client::new(channel)
         .link(link_request(1))
         .await
         .expect_err("the health listener serves no CustomerMapping");
@@ -191,7 +191,7 @@ async fn unusable_tls_files_stop_the_server_from_starting() {
     std::fs::write(&cert, ca.server().cert).expect("write");
     std::fs::write(&key, other.key).expect("write");
 
-    let mut settings = common::test_settings("sqlite::memory:".into());
+    let mut settings = helpers::test_settings("sqlite::memory:".into());
     settings.tls.tls_cert_file = Some(cert);
     settings.tls.tls_key_file = Some(key.clone());
     let err = Application::build(&settings)

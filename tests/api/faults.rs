@@ -4,7 +4,7 @@
 //! Each scenario prints how many operations it checked and how many were
 //! indeterminate.
 
-mod common;
+use crate::helpers;
 
 use std::{
     sync::{
@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use helpers::{
     Backend, TestDatabase,
     history::{self, History, Load},
     pg_cluster::PgCluster,
@@ -61,14 +61,14 @@ async fn table(url: &str) -> std::collections::HashSet<(u8, u8)> {
     let db = Database::connect(url)
         .await
         .expect("connect to read the table");
-    let rows = common::read_rows(&db).await;
+    let rows = helpers::read_rows(&db).await;
     db.close().await.expect("close");
     history::table_pairs(rows)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_connections_killed_mid_load() {
-    let app = common::spawn_app(Backend::Postgres).await;
+    let app = helpers::spawn_app(Backend::Postgres).await;
     let seed: u64 = rand::random();
     let load = endless(seed);
     let (stop, running) = start_load(vec![app.addr], load, Instant::now());
@@ -77,7 +77,7 @@ async fn database_connections_killed_mid_load() {
     let mut killed = 0;
     for _ in 0..5 {
         under_load_for(Duration::from_millis(150)).await;
-        killed += common::pg::count(
+        killed += helpers::pg::count(
             &admin,
             "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid()",
@@ -101,19 +101,19 @@ async fn database_connections_killed_mid_load() {
 /// the caller never sees the fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_whose_connection_dies_before_commit_is_retried() {
-    let app = common::spawn_app(Backend::Postgres).await;
+    let app = helpers::spawn_app(Backend::Postgres).await;
     let outside = app.db().await;
-    let lock = common::pg::lock_table(&outside).await;
+    let lock = helpers::pg::lock_table(&outside).await;
     let link = tokio::spawn({
         let mut client = app.new_client().await;
-        async move { common::link(&mut client, "user-1", "cus_A1").await }
+        async move { helpers::link(&mut client, "user-1", "cus_A1").await }
     });
     // Kill the session of the Link once it waits on the lock.
     let waiting = "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
                    WHERE datname = current_database() AND wait_event_type = 'Lock'";
     let mut killed = 0;
     for _ in 0..500 {
-        killed = common::pg::count(&outside, waiting).await;
+        killed = helpers::pg::count(&outside, waiting).await;
         if killed > 0 {
             break;
         }
@@ -138,10 +138,10 @@ async fn postgres_stopped_and_restarted_under_load() {
     let Some(cluster) = PgCluster::start_new() else {
         return; // said why
     };
-    let mut settings = common::test_settings(cluster.url());
+    let mut settings = helpers::test_settings(cluster.url());
     settings.database.database_connect_timeout = Duration::from_millis(500);
     settings.database.database_acquire_timeout = Duration::from_millis(500);
-    let app = common::spawn_on(
+    let app = helpers::spawn_on(
         Backend::Postgres,
         TestDatabase::external(cluster.url()),
         settings,
@@ -159,14 +159,14 @@ async fn postgres_stopped_and_restarted_under_load() {
     for mode in ["fast", "immediate"] {
         under_load_for(Duration::from_millis(300)).await;
         cluster.stop(mode);
-        common::wait_for_health(app.addr, "", ServingStatus::NotServing).await;
+        helpers::wait_for_health(app.addr, "", ServingStatus::NotServing).await;
         let status = app
             .get_by_user("user-0")
             .await
             .expect_err("database is down");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         cluster.start();
-        common::wait_for_health(app.addr, "", ServingStatus::Serving).await;
+        helpers::wait_for_health(app.addr, "", ServingStatus::Serving).await;
     }
     under_load_for(Duration::from_millis(300)).await;
     let history = stop_load(stop, running).await;
@@ -196,7 +196,7 @@ async fn server_killed_and_restarted(backend: Backend) {
     let started = Instant::now();
 
     let first = ServerProcess::start(&env);
-    common::wait_for_health(first.addr, "", ServingStatus::Serving).await;
+    helpers::wait_for_health(first.addr, "", ServingStatus::Serving).await;
     let (stop, running) = start_load(vec![first.addr], load, started);
     under_load_for(Duration::from_millis(500)).await;
     // Clients stop starting new calls as the server dies; the calls in
@@ -211,7 +211,7 @@ async fn server_killed_and_restarted(backend: Backend) {
     drop(first);
 
     let second = ServerProcess::start(&env);
-    common::wait_for_health(second.addr, "", ServingStatus::Serving).await;
+    helpers::wait_for_health(second.addr, "", ServingStatus::Serving).await;
     let after = history::run_load(&[second.addr], Load::small(seed ^ 1), started, None).await;
 
     let history = History::merge([before, after]);
@@ -237,9 +237,9 @@ async fn server_killed_and_restarted_on_sqlite() {
 /// DEADLINE_EXCEEDED, and whatever they did or did not write is consistent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_database_with_deadlines() {
-    let (database, proxy, settings) = common::postgres_behind_proxy().await;
+    let (database, proxy, settings) = helpers::postgres_behind_proxy().await;
     let url = database.url.clone();
-    let app = common::spawn_on(Backend::Postgres, database, settings).await;
+    let app = helpers::spawn_on(Backend::Postgres, database, settings).await;
     let seed: u64 = rand::random();
     // Deadlines drawn between 50 and 400 ms: a call takes tens of
     // milliseconds, so most make it and some don't. (More indeterminate

@@ -2,8 +2,6 @@
 //! client, and a fresh database per test (a temporary SQLite file, or a new
 //! PostgreSQL database that is dropped when the test ends).
 
-#![allow(dead_code)] // each test file uses a different part of it
-
 pub mod history;
 pub mod pg;
 pub mod pg_cluster;
@@ -11,6 +9,7 @@ pub mod process;
 pub mod proxy;
 pub mod raw;
 pub mod tls;
+pub mod tools;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -32,6 +31,25 @@ use tonic_types::StatusExt;
 
 pub type Client = CustomerMappingClient<Channel>;
 
+/// Where the fault scenarios' reports (operations checked, indeterminate,
+/// recovery times) are collected: `cargo test` hides a passing test's
+/// output, and `.ci/run` prints this file after the run.
+pub const REPORT_FILE: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/fault-reports.log");
+
+/// Prints one line of a scenario's report and appends it to [`REPORT_FILE`].
+pub fn report(line: &str) {
+    use std::io::Write;
+    eprintln!("{line}");
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(REPORT_FILE)
+        .and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(err) = appended {
+        eprintln!("could not append to {REPORT_FILE}: {err}");
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -46,11 +64,11 @@ macro_rules! on_both_databases {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                super::$name($crate::common::spawn_app($crate::common::Backend::Sqlite).await).await
+                super::$name($crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                super::$name($crate::common::spawn_app($crate::common::Backend::Postgres).await).await
+                super::$name($crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await).await
             }
         }
     )*};
@@ -59,7 +77,6 @@ macro_rules! on_both_databases {
 /// A running server and what a test needs to talk to it.
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
     pub client: Client,
     pub backend: Backend,
     pub database: TestDatabase,
@@ -170,11 +187,9 @@ pub async fn spawn_unready(
         .await
         .expect("the application builds");
     let addr = app.local_addr();
-    let metrics_addr = app.metrics_addr();
     let server = RunningServer::spawn(app);
     TestApp {
         addr,
-        metrics_addr,
         client: connect(addr).await,
         backend,
         database,

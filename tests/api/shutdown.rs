@@ -2,12 +2,12 @@
 //! in-flight RPCs finish (up to the drain timeout), the process exits 0.
 //! Also checks the per-RPC log line of the real binary.
 
-mod common;
+use crate::helpers;
 
 use std::time::Duration;
 
-use common::{Backend, TestDatabase, process::ServerProcess};
 use customer_mapping::proto::LinkRequest;
+use helpers::{Backend, TestDatabase, process::ServerProcess};
 use sea_orm::Database;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -37,7 +37,7 @@ fn spawn_links(
         .map(|i| {
             let addr = server.addr;
             tokio::spawn(async move {
-                let mut client = common::connect(addr).await;
+                let mut client = helpers::connect(addr).await;
                 let mut request = tonic::Request::new(LinkRequest {
                     user_id: format!("user-{i}"),
                     stripe_customer_id: format!("cus_{i}"),
@@ -62,8 +62,8 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
         ("SHUTDOWN_DRAIN_TIMEOUT", "10s"),
         ("DATABASE_MAX_CONNECTIONS", "4"),
     ]);
-    common::wait_for_health(server.addr, "", ServingStatus::Serving).await;
-    let mut health = HealthClient::new(common::channel(server.addr).await);
+    helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+    let mut health = HealthClient::new(helpers::channel(server.addr).await);
     let mut updates = health
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -76,9 +76,9 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
 
     // Slow in-flight calls: they wait on a table lock held by the test.
     let outside = Database::connect(&database.url).await.expect("connect");
-    let lock = common::pg::lock_table(&outside).await;
+    let lock = helpers::pg::lock_table(&outside).await;
     let links = spawn_links(&server, IN_FLIGHT);
-    common::pg::wait_until_sessions_wait_on_a_lock(&outside, IN_FLIGHT as i64).await;
+    helpers::pg::wait_until_sessions_wait_on_a_lock(&outside, IN_FLIGHT as i64).await;
 
     server.sigterm();
 
@@ -119,7 +119,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     // Done draining as soon as the calls were: the open Watch stream did not
     // keep it waiting for the 10 s drain timeout.
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
-    assert_eq!(common::pg::rows_in_table(&outside).await, IN_FLIGHT as i64);
+    assert_eq!(helpers::pg::rows_in_table(&outside).await, IN_FLIGHT as i64);
 
     // One log line per RPC with method, code, latency and request id.
     let events = server.events();
@@ -156,12 +156,12 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
         ("HEALTH_PROBE_INTERVAL", "100ms"),
         ("SHUTDOWN_DRAIN_TIMEOUT", "1s"),
     ]);
-    common::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+    helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
 
     let outside = Database::connect(&database.url).await.expect("connect");
-    let lock = common::pg::lock_table(&outside).await;
+    let lock = helpers::pg::lock_table(&outside).await;
     let links = spawn_links(&server, 1);
-    common::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
+    helpers::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
 
     server.sigterm();
     let (status, took, server) = server.exited(Duration::from_secs(10)).await;
@@ -178,7 +178,7 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
     }
     // The cut Link's transaction died with its connection: nothing written.
     lock.rollback().await.expect("unlock");
-    assert_eq!(common::pg::rows_in_table(&outside).await, 0);
+    assert_eq!(helpers::pg::rows_in_table(&outside).await, 0);
     outside.close().await.expect("close");
 }
 
@@ -195,7 +195,7 @@ async fn sigterm_during_a_hanging_database_connection_exits_promptly() {
     );
     let server =
         ServerProcess::start(&[("DATABASE_URL", &url), ("DATABASE_CONNECT_TIMEOUT", "30s")]);
-    common::wait_for_health(server.addr, "", ServingStatus::NotServing).await;
+    helpers::wait_for_health(server.addr, "", ServingStatus::NotServing).await;
 
     server.sigterm();
     let (status, took, _) = server.exited(Duration::from_secs(20)).await;

@@ -1,8 +1,8 @@
 //! Link: create, idempotent repeat, and the two kinds of conflict.
 
-mod common;
+use crate::helpers;
 
-use common::{TestApp, assert_already_linked};
+use helpers::{TestApp, assert_already_linked};
 
 on_both_databases!(
     link_creates_a_mapping,

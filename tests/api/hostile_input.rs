@@ -8,15 +8,15 @@
 //! the libFuzzer target in `fuzz/`: the server's own decode-then-validate
 //! path fed arbitrary bytes in process.
 
-mod common;
+use crate::helpers;
 
 use bytes::{Buf, BufMut};
-use common::{Backend, TestApp, spawn_app};
 use customer_mapping::{
     auth::Rpc,
     grpc::decode_and_validate,
     mapping::{StripeCustomerId, UserId},
 };
+use helpers::{Backend, TestApp, spawn_app};
 use proptest::{
     collection::vec,
     prelude::*,
@@ -188,11 +188,9 @@ fn string_field(bytes: &[u8]) -> Vec<u8> {
     message
 }
 
-const METHODS: [Rpc; 3] = [Rpc::Link, Rpc::Get, Rpc::Unlink];
-
 #[test]
 fn decode_and_validate_never_panics() {
-    let method = prop::sample::select(METHODS.to_vec());
+    let method = prop::sample::select(Rpc::ALL.to_vec());
     let bytes = prop_oneof![
         vec(any::<u8>(), 0..256),
         // Well-formed tags with arbitrary contents get further.
@@ -215,10 +213,10 @@ fn decode_and_validate_never_panics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_is_invalid_argument_in_process_and_over_the_wire() {
     let app = spawn_app(Backend::Sqlite).await;
-    let channel = common::channel(app.addr).await;
+    let channel = helpers::channel(app.addr).await;
     for bytes in [&b"\xff\xfe"[..], b"user\xc3", b"\xed\xa0\x80"] {
         let body = string_field(bytes);
-        for method in METHODS {
+        for method in Rpc::ALL {
             let err = decode_and_validate(method, &body).expect_err("not UTF-8");
             assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
             let err = call_raw(channel.clone(), method, body.clone())
@@ -234,13 +232,13 @@ async fn invalid_utf8_is_invalid_argument_in_process_and_over_the_wire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arbitrary_request_bytes_over_the_wire_never_get_internal() {
     let app = spawn_app(Backend::Sqlite).await;
-    let channel = common::channel(app.addr).await;
+    let channel = helpers::channel(app.addr).await;
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         runner(256)
             .run(
                 &(
-                    prop::sample::select(METHODS.to_vec()),
+                    prop::sample::select(Rpc::ALL.to_vec()),
                     vec(any::<u8>(), 0..128),
                 ),
                 |(method, body)| {

@@ -2,19 +2,19 @@
 //! unreachable or saturated, INTERNAL otherwise, and never SQL, URLs or
 //! passwords.
 
-mod common;
+use crate::helpers;
 
 use std::time::Duration;
 
-use common::{Backend, TestApp, proxy::Proxy};
+use helpers::{Backend, TestApp, proxy::Proxy};
 use sea_orm::ConnectionTrait;
 use tonic::Code;
 
 /// Postgres behind a proxy the test can cut, with short timeouts.
 async fn spawn_behind_proxy() -> (TestApp, Proxy) {
-    let (database, proxy, settings) = common::postgres_behind_proxy().await;
+    let (database, proxy, settings) = helpers::postgres_behind_proxy().await;
     (
-        common::spawn_on(Backend::Postgres, database, settings).await,
+        helpers::spawn_on(Backend::Postgres, database, settings).await,
         proxy,
     )
 }
@@ -68,7 +68,7 @@ async fn unreachable_postgres_is_unavailable_and_service_recovers_when_it_return
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_postgres_pool_is_unavailable() {
-    let app = common::spawn_app_with(Backend::Postgres, |s| {
+    let app = helpers::spawn_app_with(Backend::Postgres, |s| {
         s.database.database_max_connections = 1;
         s.database.database_acquire_timeout = Duration::from_millis(300);
     })
@@ -78,12 +78,12 @@ async fn exhausted_postgres_pool_is_unavailable() {
     // Hold the table lock from outside so that the one pooled connection is
     // stuck in the first Link...
     let outside = app.db().await;
-    let lock = common::pg::lock_table(&outside).await;
+    let lock = helpers::pg::lock_table(&outside).await;
     let stuck = tokio::spawn({
         let mut client = app.new_client().await;
-        async move { common::link(&mut client, "user-1", "cus_A1").await }
+        async move { helpers::link(&mut client, "user-1", "cus_A1").await }
     });
-    common::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
+    helpers::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
 
     // ...and a second call finds no connection to acquire.
     let status = app.get_by_user("user-0").await.expect_err("pool exhausted");
@@ -100,7 +100,7 @@ async fn exhausted_postgres_pool_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_locked_longer_than_the_busy_timeout_is_unavailable() {
-    let app = common::spawn_app_with(Backend::Sqlite, |s| {
+    let app = helpers::spawn_app_with(Backend::Sqlite, |s| {
         s.database.sqlite_busy_timeout = Duration::from_millis(200);
     })
     .await;

@@ -1,0 +1,37 @@
+//! The integration tests, one module per concern, in one binary: a real
+//! server on an ephemeral port (or the built binary, where only a process
+//! shows it), a real gRPC client, and a fresh SQLite or PostgreSQL database
+//! per test. `helpers` is what they share; `benches/loadgen.rs` uses it too.
+
+#[macro_use]
+mod helpers;
+
+// The API, rule by rule.
+mod get_unlink;
+mod link;
+mod validation;
+
+// Concurrency and faults: histories the linearizability checker accepts.
+mod concurrency;
+mod database_errors;
+mod faults;
+mod linearizability;
+
+// Operating it: health, shutdown, metrics, the binary and its CLI.
+mod cli;
+mod health;
+mod metrics;
+mod request_id;
+mod shutdown;
+
+// Tools people debug with.
+mod grpcurl;
+mod reflection;
+
+// Security: TLS, authorization, limits and hostile peers.
+mod authorization;
+mod database_tls;
+mod hostile_input;
+mod hostile_network;
+mod limits;
+mod tls;
