@@ -9,4 +9,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("customer_mapping_descriptor");
 
 /// The fully qualified service name, as health checks and reflection name it.
-pub const SERVICE_NAME: &str = "customermapping.v1.CustomerMapping";
+pub use customer_mapping_server::SERVICE_NAME;

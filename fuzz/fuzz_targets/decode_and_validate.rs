@@ -12,11 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, message)) = data.split_first() else {
         return;
     };
-    let method = match selector % 3 {
-        0 => Rpc::Link,
-        1 => Rpc::Get,
-        _ => Rpc::Unlink,
-    };
+    let method = Rpc::ALL[usize::from(selector) % Rpc::ALL.len()];
     if let Err(status) = decode_and_validate(method, message) {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }

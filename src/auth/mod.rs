@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 pub use policy::PolicyError;
 use policy::{Entry, Policy};
 
-/// The RPCs a policy can allow.
+/// The RPCs a policy can allow: the methods of `customermapping.v1.CustomerMapping`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Rpc {
     Link,
@@ -26,6 +26,12 @@ pub enum Rpc {
 }
 
 impl Rpc {
+    /// Every RPC, in the proto's order: the one list that authorization,
+    /// decoding, the fuzz target and the tests iterate (a unit test checks it
+    /// against the compiled proto, so a new RPC can't be left out).
+    pub const ALL: [Rpc; 3] = [Rpc::Link, Rpc::Get, Rpc::Unlink];
+
+    /// The method name, as in the proto and the policy file.
     pub fn name(self) -> &'static str {
         match self {
             Rpc::Link => "Link",

@@ -170,3 +170,28 @@ impl From<mapping::Mapping> for proto::Mapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// `Rpc::ALL` is the service's method list, in the proto's order.
+    #[test]
+    fn every_rpc_of_the_proto_is_in_rpc_all() {
+        let files = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        let methods: Vec<String> = files
+            .file
+            .iter()
+            .filter(|f| f.package() == "customermapping.v1")
+            .flat_map(|f| &f.service)
+            .filter(|s| format!("customermapping.v1.{}", s.name()) == proto::SERVICE_NAME)
+            .flat_map(|s| &s.method)
+            .map(|m| m.name().to_owned())
+            .collect();
+        let listed: Vec<&str> = Rpc::ALL.iter().map(|rpc| rpc.name()).collect();
+        assert_eq!(methods, listed);
+    }
+}
