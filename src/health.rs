@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sea_orm::DatabaseConnection;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{config::DatabaseSettings, proto::SERVICE_NAME, store, telemetry::metrics};
@@ -86,13 +87,13 @@ pub struct ProbeSettings {
 }
 
 /// Brings the database up, publishes it in `store`, then keeps `health` in
-/// step with it until `stop` turns true.
+/// step with it until `stop` is cancelled.
 pub async fn supervise_database(
     database: DatabaseSettings,
     probe: ProbeSettings,
     store: store::Store,
     health: Health,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(probe.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -100,7 +101,7 @@ pub async fn supervise_database(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+            () = stop.cancelled() => return,
         }
         let check = async {
             match store.get() {
@@ -126,7 +127,7 @@ pub async fn supervise_database(
         // must not wait for it.
         let answered = tokio::select! {
             answered = check => answered,
-            _ = stop.wait_for(|stop| *stop) => return,
+            () = stop.cancelled() => return,
         };
         if let Some(db) = store.get() {
             metrics::record_pool(store::pool_stats(db.connection()));

@@ -1,16 +1,19 @@
-//! Start-up in one place: bind, serve, and bring the database up in the
-//! background. Tests build the same `Application` on port 0 (see
-//! `tests/common`).
+//! Start-up in one place, in two steps: [`Application::build`] assembles
+//! everything that can fail (listeners, TLS, policy, reflection, services)
+//! and [`Application::run_until`] only serves and shuts down, bringing the
+//! database up in the background. Tests build the same `Application` on
+//! port 0 (see `tests/api/helpers`).
 
-use std::{future::Future, net::SocketAddr, pin::Pin, time::Duration};
+use std::{collections::HashMap, future::Future, net::SocketAddr, pin::Pin, time::Duration};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::{
-    net::TcpListener,
-    sync::{oneshot, watch},
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    service::{Routes, RoutesBuilder, interceptor::InterceptedService},
+    transport::Server,
 };
-use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
     auth::Authorizer,
@@ -29,6 +32,11 @@ use crate::{
     },
 };
 
+/// How long the background tasks may take to stop once shutdown begins
+/// (each only has to notice the token; a database check in progress is
+/// raced against it).
+const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long closing the pool may take at shutdown.
 const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -36,7 +44,7 @@ const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// bytes; this leaves room for tracing headers and a token).
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
-/// A bound server that has not started serving yet.
+/// A bound server, with every part assembled, that has not started serving.
 pub struct Application {
     settings: Settings,
     listener: TcpListener,
@@ -44,7 +52,10 @@ pub struct Application {
     health_listener: Option<(TcpListener, SocketAddr)>,
     metrics: Option<MetricsEndpoint>,
     tls: Option<ReloadingTls>,
-    authorizer: Authorizer,
+    enforces_policy: bool,
+    store: store::Store,
+    health: Health,
+    services: Services,
 }
 
 struct MetricsEndpoint {
@@ -53,11 +64,20 @@ struct MetricsEndpoint {
     handle: PrometheusHandle,
 }
 
+/// The gRPC services each port serves, assembled and type-erased.
+struct Services {
+    /// Health, reflection (when on) and CustomerMapping.
+    main: Routes,
+    /// Health alone, for the plaintext probe port.
+    health_only: Routes,
+}
+
 impl Application {
     /// Binds the gRPC address (port 0 picks a free port) and, when
-    /// configured, the metrics address. Does not touch the database: that
-    /// happens in the background once serving, so a database that is down at
-    /// start gives NOT_SERVING, not a crash loop.
+    /// configured, the health and metrics addresses, and assembles the
+    /// services. Does not touch the database: that happens in the background
+    /// once serving, so a database that is down at start gives NOT_SERVING,
+    /// not a crash loop.
     ///
     /// Bad TLS files or a bad policy file stop it here: better not to start
     /// than to serve with less protection than configured.
@@ -98,6 +118,28 @@ impl Application {
                 })
             }
         };
+
+        let limits = settings.limits;
+        let store = store::Store::default();
+        let (health, health_service) = Health::new().await;
+        let mut main = RoutesBuilder::default();
+        main.add_service(health_service.clone());
+        if settings.access.reflection {
+            add_reflection(&mut main, &authorizer, limits.max_request_bytes)?;
+        }
+        let enforces_policy = authorizer.enforcing();
+        let guard = Guard::new(
+            authorizer,
+            limits.max_concurrent_requests,
+            limits.default_deadline,
+        );
+        main.add_service(
+            CustomerMappingServer::new(CustomerMappingService::new(
+                Mappings::new(store.clone()),
+                guard,
+            ))
+            .max_decoding_message_size(limits.max_request_bytes),
+        );
         Ok(Self {
             settings: settings.clone(),
             listener,
@@ -105,7 +147,13 @@ impl Application {
             health_listener,
             metrics,
             tls,
-            authorizer,
+            enforces_policy,
+            store,
+            health,
+            services: Services {
+                main: main.routes(),
+                health_only: Routes::new(health_service),
+            },
         })
     }
 
@@ -124,7 +172,7 @@ impl Application {
     }
 
     pub fn enforces_policy(&self) -> bool {
-        self.authorizer.enforcing()
+        self.enforces_policy
     }
 
     /// The gRPC address actually bound.
@@ -140,6 +188,11 @@ impl Application {
     /// Serves until `shutdown` resolves. Then health turns NOT_SERVING at
     /// once, no new connections are accepted, in-flight RPCs get up to the
     /// drain timeout to finish, and the pool closes.
+    ///
+    /// A long-lived task that panics or stops on its own (the database
+    /// supervisor, the health or metrics listener, the gRPC server) ends
+    /// this with an error naming it, so the process exits non-zero and the
+    /// orchestrator restarts it rather than keeping a half-alive server.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let Self {
             settings,
@@ -147,109 +200,78 @@ impl Application {
             health_listener,
             metrics,
             tls,
-            authorizer,
+            store,
+            health,
+            services,
             ..
         } = self;
         let limits = settings.limits;
-        let store = store::Store::default();
-        let (health, health_service) = Health::new().await;
-        let (stop, stopped) = watch::channel(false);
+        // Cancelled when shutdown begins; every background task stops on it.
+        let stopping = CancellationToken::new();
+        // Cancelled once the main port has drained: probes stay answered
+        // (NOT_SERVING) until then.
+        let drained = CancellationToken::new();
 
-        let supervisor = tokio::spawn(health::supervise_database(
-            settings.database.clone(),
-            ProbeSettings {
-                interval: settings.health.health_probe_interval,
-                timeout: settings.health.health_probe_timeout,
-            },
-            store.clone(),
-            health.clone(),
-            stopped.clone(),
-        ));
-        let metrics_server =
-            metrics.map(|m| tokio::spawn(metrics::serve(m.listener, m.handle, stopped.clone())));
-
-        // Both reflection versions describe everything served, each other
-        // included; grpcurl releases before 1.8.8 only speak v1alpha.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
-        };
-        let (reflection_v1, reflection_v1alpha) = if settings.access.reflection {
-            let check = reflection_interceptor(authorizer.clone());
-            (
-                Some(InterceptedService::new(
-                    reflection()
-                        .build_v1()?
-                        .max_decoding_message_size(limits.max_request_bytes),
-                    check.clone(),
-                )),
-                Some(InterceptedService::new(
-                    reflection()
-                        .build_v1alpha()?
-                        .max_decoding_message_size(limits.max_request_bytes),
-                    check,
-                )),
-            )
-        } else {
-            (None, None)
-        };
-        let guard = Guard::new(
-            authorizer,
-            limits.max_concurrent_requests,
-            limits.default_deadline,
+        let mut tasks = LongLived::default();
+        tasks.spawn(
+            "database supervisor",
+            health::supervise_database(
+                settings.database.clone(),
+                ProbeSettings {
+                    interval: settings.health.health_probe_interval,
+                    timeout: settings.health.health_probe_timeout,
+                },
+                store.clone(),
+                health.clone(),
+                stopping.clone(),
+            ),
         );
-        let service = CustomerMappingService::new(Mappings::new(store.clone()), guard);
-
-        let mut stopping = stopped.clone();
-        let begin_shutdown = {
-            let health = health.clone();
-            async move {
-                shutdown.await;
-                health.shut_down().await;
-                let _ = stop.send(true);
-            }
-        };
-
+        if let Some(m) = metrics {
+            tasks.spawn(
+                "metrics listener",
+                metrics::serve(m.listener, m.handle, stopping.clone()),
+            );
+        }
         let connection_limits = ConnectionLimits {
             max_connections: limits.max_connections,
             handshake_timeout: limits.handshake_timeout,
         };
-        // Probes stay answered (NOT_SERVING) until the main port has drained.
-        let (health_done, health_stop) = oneshot::channel::<()>();
-        let health_server = health_listener.map(|(listener, _)| {
+        if let Some((listener, _)) = health_listener {
             let incoming = transport::incoming(listener, connection_limits, plaintext);
             let serve = Server::builder()
-                .add_service(health_service.clone())
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = health_stop.await;
-                });
-            tokio::spawn(serve)
-        });
-        if tls.is_some() && health_server.is_none() {
+                .add_routes(services.health_only)
+                .serve_with_incoming_shutdown(incoming, drained.clone().cancelled_owned());
+            tasks.spawn("health listener", async move {
+                if let Err(err) = serve.await {
+                    tracing::error!(error = %err, "the health listener failed");
+                }
+            });
+        } else if tls.is_some() {
             tracing::warn!(
                 "TLS is on and HEALTH_LISTEN_ADDR is unset: Kubernetes gRPC probes, which \
                  connect in plaintext, will fail"
             );
         }
 
+        let begin_shutdown = {
+            let (health, stopping) = (health.clone(), stopping.clone());
+            async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    // A failed task (below) stops the server too.
+                    () = stopping.cancelled() => {}
+                }
+                health.shut_down().await;
+                stopping.cancel();
+            }
+        };
         let router = Server::builder()
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .layer(request_size_layer(limits.max_request_bytes))
-            .add_service(health_service)
-            .add_optional_service(reflection_v1)
-            .add_optional_service(reflection_v1alpha)
-            .add_service(
-                CustomerMappingServer::new(service)
-                    .max_decoding_message_size(limits.max_request_bytes),
-            );
+            .add_routes(services.main);
         let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match tls {
                 None => Box::pin(router.serve_with_incoming_shutdown(
@@ -265,29 +287,31 @@ impl Application {
                 )),
             };
         let drain_deadline = async {
-            let _ = stopping.wait_for(|stop| *stop).await;
+            stopping.cancelled().await;
             tokio::time::sleep(settings.shutdown_drain_timeout).await;
         };
+        let mut failed = None;
         tokio::select! {
-            served = serve => served.context("serving gRPC")?,
+            served = serve => {
+                served.context("serving gRPC")?;
+                if !stopping.is_cancelled() {
+                    failed = Some("gRPC server");
+                }
+            }
             () = drain_deadline => tracing::warn!(
                 timeout = ?settings.shutdown_drain_timeout,
                 "in-flight RPCs did not finish within the drain timeout; cutting them off"
             ),
-        }
-
-        let _ = health_done.send(());
-        if let Some(health_server) = health_server {
-            match health_server.await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::warn!(error = %err, "the health listener failed"),
-                Err(err) => tracing::warn!(error = %err, "the health listener panicked"),
+            name = tasks.first_to_end(&stopping) => {
+                failed = Some(name);
+                // Stop serving too, within the drain timeout, before exiting.
+                health.shut_down().await;
             }
         }
-        let _ = supervisor.await;
-        if let Some(metrics_server) = metrics_server {
-            let _ = metrics_server.await;
-        }
+
+        drained.cancel();
+        stopping.cancel();
+        tasks.stop(TASKS_STOP_TIMEOUT).await;
         if let Some(db) = store.get() {
             // Connections of RPCs cut off by the drain timeout may still be
             // busy in the database; don't let them hold the exit hostage.
@@ -298,7 +322,119 @@ impl Application {
                 Err(_) => tracing::warn!("database pool did not close in time; dropping it"),
             }
         }
-        Ok(())
+        match failed {
+            None => Ok(()),
+            Some(task) => anyhow::bail!("the {task} task failed; exiting so that it is restarted"),
+        }
+    }
+}
+
+/// Adds reflection v1 and v1alpha to `routes`, both describing everything
+/// served (each other included): grpcurl releases before 1.8.8 only speak
+/// v1alpha. Under a policy, only callers it knows may read the schema.
+fn add_reflection(
+    routes: &mut RoutesBuilder,
+    authorizer: &Authorizer,
+    max_request_bytes: usize,
+) -> anyhow::Result<()> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let check = reflection_interceptor(authorizer.clone());
+    routes
+        .add_service(InterceptedService::new(
+            builder()
+                .build_v1()
+                .context("building reflection v1")?
+                .max_decoding_message_size(max_request_bytes),
+            check.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            builder()
+                .build_v1alpha()
+                .context("building reflection v1alpha")?
+                .max_decoding_message_size(max_request_bytes),
+            check,
+        ));
+    Ok(())
+}
+
+/// The tasks that should run as long as the server does, by name.
+#[derive(Default)]
+struct LongLived {
+    tasks: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl LongLived {
+    /// Spawns `task` as the long-lived task `name`.
+    ///
+    /// Debug builds honour `CUSTOMER_MAPPING_TEST_PANIC_TASK=<name>`, which
+    /// makes that task panic as it starts: the tests prove with it that such
+    /// a panic ends the process. Release builds have no such switch.
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        #[cfg(debug_assertions)]
+        let task = async move {
+            if std::env::var("CUSTOMER_MAPPING_TEST_PANIC_TASK").is_ok_and(|wanted| wanted == name)
+            {
+                panic!("CUSTOMER_MAPPING_TEST_PANIC_TASK: panicking in the {name} task, as asked");
+            }
+            task.await
+        };
+        let id = self.tasks.spawn(task).id();
+        self.names.insert(id, name);
+    }
+
+    /// Resolves with the name of the first task to end, by a panic or by
+    /// returning, before `stopping` is cancelled, and logs it; never
+    /// resolves while all of them run, nor once stopping (when they end on
+    /// purpose).
+    async fn first_to_end(&mut self, stopping: &CancellationToken) -> &'static str {
+        let ended = tokio::select! {
+            ended = self.tasks.join_next_with_id() => ended,
+            () = stopping.cancelled() => None,
+        };
+        let (id, panicked) = match ended {
+            Some(_) if stopping.is_cancelled() => return std::future::pending().await,
+            Some(Ok((id, ()))) => (id, false),
+            Some(Err(err)) => (err.id(), err.is_panic()),
+            None => return std::future::pending().await,
+        };
+        let name = self.names.get(&id).copied().unwrap_or("unnamed");
+        if panicked {
+            tracing::error!(task = name, "a long-lived task panicked; shutting down");
+        } else {
+            tracing::error!(
+                task = name,
+                "a long-lived task stopped on its own; shutting down"
+            );
+        }
+        name
+    }
+
+    /// Waits, at most `limit`, for every task to stop (each stops on the
+    /// shutdown token); the ones still running then are aborted.
+    async fn stop(mut self, limit: Duration) {
+        let all_stopped = async {
+            while let Some(ended) = self.tasks.join_next_with_id().await {
+                if let Err(err) = ended {
+                    let name = self.names.get(&err.id()).copied().unwrap_or("unnamed");
+                    tracing::warn!(task = name, error = %err, "task ended badly while stopping");
+                }
+            }
+        };
+        if tokio::time::timeout(limit, all_stopped).await.is_err() {
+            tracing::warn!(
+                ?limit,
+                "background tasks did not stop in time; aborting them"
+            );
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::PoolStats;
 
@@ -130,12 +131,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -145,7 +142,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stop.wait_for(|stop| *stop) => return,
+            () = stop.cancelled() => return,
         };
         let handle = handle.clone();
         tokio::spawn(async move {

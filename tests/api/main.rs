@@ -18,6 +18,7 @@ mod faults;
 mod linearizability;
 
 // Operating it: health, shutdown, metrics, the binary and its CLI.
+mod background_tasks;
 mod cli;
 mod health;
 mod metrics;
