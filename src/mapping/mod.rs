@@ -102,7 +102,7 @@ impl Mappings {
 /// RPC's future. Dropping database futures half-way leaves connections with
 /// half-read replies and transactions whose fate depends on cleanup code in
 /// the driver; under a slow database with short deadlines that showed up as
-/// an acknowledged Unlink whose row came back (`tests/faults.rs`). Finishing
+/// an acknowledged Unlink whose row came back (`tests/api/faults.rs`). Finishing
 /// the work costs at most one statement's time after the caller left.
 async fn run_to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
