@@ -268,6 +268,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
         ("DATABASE_URL", url.as_str()),
         ("DATABASE_MAX_CONNECTIONS", pool_size.as_str()),
         ("HEALTH_PROBE_INTERVAL", "1s"),
+        ("HEALTH_PROBE_TIMEOUT", "500ms"),
     ];
     env.extend(
         args.server_env

@@ -147,9 +147,12 @@ pub async fn supervise_database(
 
 /// Connects and, when configured, migrates.
 pub async fn bring_up(database: &DatabaseSettings) -> anyhow::Result<DatabaseConnection> {
-    let db = store::connect(&database.database_url, &database.pool_options())
-        .await
-        .with_context(|| format!("connecting to {}", database.redacted_url()))?;
+    let db = store::connect(
+        database.database_url.expose_secret(),
+        &database.pool_options(),
+    )
+    .await
+    .with_context(|| format!("connecting to {}", database.redacted_url()))?;
     if database.migrate_on_start {
         store::migrate(&db)
             .await

@@ -1,4 +1,3 @@
-use clap::Parser;
 use customer_mapping::{
     config::{Cli, Command},
     startup::{self, Application},
@@ -7,14 +6,13 @@ use customer_mapping::{
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let mut cli = Cli::parse();
+    // A refused setting ends the process here (one line, status 2), before
+    // anything binds or connects.
+    let cli = Cli::load();
     let _flush_logs_on_exit = telemetry::init(cli.settings.log_format);
-    let result = match cli.settings.load_secrets() {
-        Err(err) => Err(err),
-        Ok(()) => match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => serve(&cli.settings).await,
-            Command::Migrate => startup::migrate(&cli.settings.database).await,
-        },
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.settings).await,
+        Command::Migrate => startup::migrate(&cli.settings.database).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -190,6 +190,7 @@ async fn server_killed_and_restarted(backend: Backend) {
     let env = [
         ("DATABASE_URL", database.url.as_str()),
         ("HEALTH_PROBE_INTERVAL", "100ms"),
+        ("HEALTH_PROBE_TIMEOUT", "90ms"),
     ];
     let seed: u64 = rand::random();
     let load = endless(seed);

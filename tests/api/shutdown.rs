@@ -59,6 +59,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     let server = ServerProcess::start(&[
         ("DATABASE_URL", &url),
         ("HEALTH_PROBE_INTERVAL", "100ms"),
+        ("HEALTH_PROBE_TIMEOUT", "90ms"),
         ("SHUTDOWN_DRAIN_TIMEOUT", "10s"),
         ("DATABASE_MAX_CONNECTIONS", "4"),
     ]);
@@ -154,6 +155,7 @@ async fn calls_still_in_flight_after_the_drain_timeout_are_cut_and_leave_nothing
     let server = ServerProcess::start(&[
         ("DATABASE_URL", &database.url),
         ("HEALTH_PROBE_INTERVAL", "100ms"),
+        ("HEALTH_PROBE_TIMEOUT", "90ms"),
         ("SHUTDOWN_DRAIN_TIMEOUT", "1s"),
     ]);
     helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;

@@ -14,7 +14,7 @@ pub mod tools;
 use std::{net::SocketAddr, time::Duration};
 
 use customer_mapping::{
-    config::{DatabaseSettings, HealthSettings, LogFormat, Settings},
+    config::{DatabaseUrl, HealthSettings, Settings},
     proto::{
         GetRequest, LinkRequest, LinkResponse, Mapping, UnlinkRequest,
         customer_mapping_client::CustomerMappingClient, get_request, unlink_request,
@@ -148,25 +148,23 @@ pub async fn postgres_behind_proxy() -> (TestDatabase, proxy::Proxy, Settings) {
     (database, proxy, settings)
 }
 
-/// Settings for tests: port 0, a small pool (PostgreSQL allows 100
-/// connections across all the tests running in parallel).
+/// Settings for tests: the defaults, on port 0, with a small pool
+/// (PostgreSQL allows 100 connections across all the tests running in
+/// parallel) and a fast health probe.
 pub fn test_settings(database_url: String) -> Settings {
-    let mut database = DatabaseSettings::with_url(database_url);
-    database.database_max_connections = 4;
-    Settings {
-        listen_addr: "127.0.0.1:0".parse().expect("valid address"),
-        database,
-        health: HealthSettings {
-            health_probe_interval: Duration::from_millis(100),
-            health_probe_timeout: Duration::from_millis(500),
-        },
-        tls: Default::default(),
-        access: Default::default(),
-        limits: Default::default(),
-        metrics_addr: None,
-        shutdown_drain_timeout: Duration::from_secs(5),
-        log_format: LogFormat::Text,
-    }
+    let mut settings = Settings::defaults();
+    settings.listen_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.database.database_url =
+        DatabaseUrl::parse(&database_url).expect("a usable test database URL");
+    settings.database.database_max_connections = 4;
+    // Built here, not parsed, so not held to the probe timeout being below
+    // the interval: a loaded test machine gets a generous timeout.
+    settings.health = HealthSettings {
+        health_probe_interval: Duration::from_millis(100),
+        health_probe_timeout: Duration::from_millis(500),
+    };
+    settings.shutdown_drain_timeout = Duration::from_secs(5);
+    settings
 }
 
 /// Starts the server and returns once health reports SERVING, i.e. the
