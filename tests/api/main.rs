@@ -20,6 +20,7 @@ mod linearizability;
 // Operating it: health, shutdown, metrics, the binary and its CLI.
 mod background_tasks;
 mod cli;
+mod configuration;
 mod health;
 mod metrics;
 mod request_id;
