@@ -21,6 +21,7 @@ mod linearizability;
 mod background_tasks;
 mod cli;
 mod configuration;
+mod deployment;
 mod health;
 mod metrics;
 mod request_id;
