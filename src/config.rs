@@ -676,6 +676,13 @@ impl DatabaseUrl {
     /// which may hold a password).
     pub fn parse(raw: &str) -> Result<Self, String> {
         let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+        // The drivers are chosen by the URL's first letters, case and all.
+        if !raw.starts_with(url.scheme()) {
+            return Err(format!(
+                "the scheme \"{}\" must be written in lower case",
+                url.scheme()
+            ));
+        }
         match url.scheme() {
             "postgres" | "postgresql" => {
                 use sea_orm::sqlx::postgres::PgConnectOptions;
@@ -686,6 +693,14 @@ impl DatabaseUrl {
                 use sea_orm::sqlx::sqlite::SqliteConnectOptions;
                 SqliteConnectOptions::from_str(raw)
                     .map_err(|e| format!("not a SQLite connection URL ({e})"))?;
+                // SQLite opens a temporary database for an empty name: every
+                // mapping would be gone at the next start.
+                let (name, params) = sqlite_parts(raw).unwrap_or_default();
+                if name.is_empty() && params.get("mode").map(String::as_str) != Some("memory") {
+                    return Err("a SQLite URL naming no file (sqlite::memory: is the \
+                                in-memory database)"
+                        .to_owned());
+                }
             }
             other => {
                 return Err(format!(
@@ -738,22 +753,33 @@ impl DatabaseUrl {
 /// The file a SQLite URL names, as sqlx reads it; `None` for PostgreSQL, an
 /// in-memory database or a read-only (`mode=ro`) one.
 fn sqlite_file(raw: &str) -> Option<PathBuf> {
-    let rest = raw
-        .strip_prefix("sqlite://")
-        .or_else(|| raw.strip_prefix("sqlite:"))?;
-    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
-    let mode = url::form_urlencoded::parse(params.as_bytes())
-        .find(|(k, _)| k == "mode")
-        .map(|(_, v)| v.into_owned());
+    // Not SQLite: nothing on this machine to check.
+    let (database, params) = sqlite_parts(raw)?;
     if database.is_empty()
         || database == ":memory:"
-        || matches!(mode.as_deref(), Some("memory" | "ro"))
+        || matches!(
+            params.get("mode").map(String::as_str),
+            Some("memory" | "ro")
+        )
     {
         return None;
     }
     // sqlx's own reading of the path (it percent-decodes it).
     let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(raw).ok()?;
     Some(options.get_filename().to_path_buf())
+}
+
+/// A SQLite URL's database name (still percent-encoded) and its query
+/// parameters, split as sqlx splits them.
+fn sqlite_parts(raw: &str) -> Option<(&str, std::collections::HashMap<String, String>)> {
+    let rest = raw
+        .strip_prefix("sqlite://")
+        .or_else(|| raw.strip_prefix("sqlite:"))?;
+    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+    let params = url::form_urlencoded::parse(params.as_bytes())
+        .into_owned()
+        .collect();
+    Some((database, params))
 }
 
 const URL_ARG: &str = "database_url";
@@ -1044,6 +1070,7 @@ mod tests {
             assert!(!err.line.contains("s3cret"), "{err}");
         }
         assert!(load(&["--database-url", "sqlite::memory:"]).is_ok());
+        assert!(load(&["--database-url", "sqlite://?mode=memory"]).is_ok());
         assert!(load(&["--database-url", "postgres://app:pw@127.0.0.1:1/db"]).is_ok());
     }
 
