@@ -3,9 +3,10 @@
 #  1. schema validation with kubernetes-validate (bundled schemas, no cluster,
 #     no network beyond the PyPI install), strict: unknown fields fail;
 #  2. .ci/check_manifest_probes.py: what no schema sees (ports, probes,
-#     listen addresses, Service, Job, Secret and ConfigMap files, hardening,
-#     grace period) agrees.
-# The server against the manifests (their probes answered, SIGTERM) is the
+#     listen addresses, Service, Job, Secret and ConfigMap files, hardening)
+#     agrees.
+# The server against the manifests (their probes answered, SIGTERM within
+# the grace period, which must hold the drain) is the
 # Rust test tests/api/deployment.rs, run by `cargo test`.
 # Usage: .ci/check-manifests.sh   (MANIFEST_DIR=dir checks another copy)
 set -euo pipefail

@@ -5,7 +5,7 @@
 //! made here), must do what the kubelet expects: the Job exits 0, the
 //! readiness and startup probes are answered SERVING in plaintext, the
 //! liveness probe connects, and SIGTERM ends the server with status 0 within
-//! the grace period. (Schema and static consistency: .ci/check-manifests.sh.)
+//! the grace period, which holds the drain timeout and what follows it. (Schema and static consistency: .ci/check-manifests.sh.)
 
 use crate::helpers::{
     self,
@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use customer_mapping::config::{KUBERNETES_GRACE_PERIOD, Settings, bounds};
 use serde_json::Value;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -332,14 +333,30 @@ async fn the_deployment_runs_as_its_manifests_say() {
         .expect("health over mutual TLS");
     assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
 
+    // The drain, then the pool's close and the exit, fit in the grace
+    // period: the server's own bound says how long those take.
     let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
-        .unwrap_or(30);
+        .map_or(KUBERNETES_GRACE_PERIOD, Duration::from_secs);
+    let drain = pod.var("SHUTDOWN_DRAIN_TIMEOUT").map_or_else(
+        || Settings::defaults().shutdown_drain_timeout,
+        |d| {
+            bounds::SHUTDOWN_DRAIN_TIMEOUT
+                .check(d)
+                .expect("a drain timeout")
+        },
+    );
+    let after_drain = KUBERNETES_GRACE_PERIOD - bounds::SHUTDOWN_DRAIN_TIMEOUT.max;
+    assert!(
+        drain + after_drain <= grace,
+        "terminationGracePeriodSeconds {grace:?} must hold SHUTDOWN_DRAIN_TIMEOUT {drain:?} \
+         and {after_drain:?} more"
+    );
     server.sigterm();
-    let (status, took, server) = server.exited(Duration::from_secs(grace)).await;
+    let (status, took, server) = server.exited(grace).await;
     assert_eq!(status.code(), Some(0), "output: {:?}", server.lines());
     println!(
-        "deploy/kubernetes: Job exit 0; probes {:?} SERVING, liveness connects; SIGTERM -> 0 in {took:?} (grace {grace} s)",
+        "deploy/kubernetes: Job exit 0; probes {:?} SERVING, liveness connects; SIGTERM -> 0 in {took:?} (grace {grace:?}, drain {drain:?})",
         ["startupProbe", "readinessProbe"]
     );
 }
