@@ -412,16 +412,28 @@ pub fn command() -> clap::Command {
     })
 }
 
-/// clap's error as one line (its first), naming the environment variable
-/// as well as the flag: a value may have come from either.
+/// clap's error as one line (its first paragraph, which holds the allowed
+/// values or the missing arguments), naming the environment variable as
+/// well as the flag: a value may have come from either.
 fn one_line(err: &clap::Error, command: &clap::Command) -> String {
     let rendered = err.render().to_string();
-    let first = rendered
+    let paragraph: Vec<&str> = rendered
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid configuration");
-    let mut line = first.strip_prefix("error: ").unwrap_or(first).to_owned();
-    if let Some(ContextValue::String(invalid)) = err.get(ContextKind::InvalidArg) {
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let first = paragraph.join(" ");
+    let mut line = first.strip_prefix("error: ").unwrap_or(&first).to_owned();
+    if line.is_empty() {
+        line = "invalid configuration".into();
+    }
+    let invalid = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => Some(arg),
+        Some(ContextValue::Strings(args)) => args.first(),
+        _ => None,
+    };
+    if let Some(invalid) = invalid {
         let long = invalid
             .trim_start_matches('-')
             .split([' ', '=', '<'])

@@ -260,6 +260,31 @@ fn a_database_url_no_retry_can_fix_is_refused_without_its_password() {
 }
 
 #[test]
+fn values_clap_refuses_are_one_line_naming_the_variable_too() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (envs, names) in [
+        (
+            [("REFLECTION", "maybe")],
+            ["--reflection", "REFLECTION", "maybe", "true, false"],
+        ),
+        (
+            [("LOG_FORMAT", "xml")],
+            ["--log-format", "LOG_FORMAT", "xml", "text, json"],
+        ),
+        (
+            [("METRICS_ADDR", "localhost")],
+            ["--metrics-addr", "METRICS_ADDR", "localhost", "address"],
+        ),
+        (
+            [("TLS_CERT_FILE", "cert.pem")],
+            ["--tls-key-file", "TLS_KEY_FILE", "required", "not provided"],
+        ),
+    ] {
+        run(dir.path(), &[], &envs).assert_refused(&format!("{envs:?}"), &names);
+    }
+}
+
+#[test]
 fn help_shows_each_range() {
     let output = Command::new(BINARY)
         .arg("--help")
