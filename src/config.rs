@@ -981,6 +981,9 @@ mod tests {
                 assert!(err.line.contains(&flag), "{err}");
                 assert!(err.line.contains(env.as_ref()), "{err}");
                 assert!(err.line.contains(refused), "{err}");
+                // The parser in the attribute is the one the table names.
+                let bound = range.split(',').next().expect("a range");
+                assert!(err.line.contains(&format!("allowed {bound}")), "{err}");
                 assert!(!err.line.contains('\n'), "{err}");
             }
         }
