@@ -259,6 +259,67 @@ fn a_database_url_no_retry_can_fix_is_refused_without_its_password() {
     .assert_refused("a missing secret file", &["DATABASE_URL_FILE", "absent"]);
 }
 
+/// Makes `file` read-only for whoever this test runs as: a mode is enough
+/// for an ordinary user; root writes through modes, but not through the
+/// immutable attribute (undone on drop, or the directory can't be removed).
+struct ReadOnly<'a> {
+    file: &'a std::path::Path,
+    immutable: bool,
+}
+
+impl<'a> ReadOnly<'a> {
+    fn make(file: &'a std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let writable = || std::fs::OpenOptions::new().write(true).open(file).is_ok();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+        if !writable() {
+            return Some(Self {
+                file,
+                immutable: false,
+            });
+        }
+        let immutable = Command::new("chattr")
+            .arg("+i")
+            .arg(file)
+            .status()
+            .is_ok_and(|s| s.success());
+        let guard = Self { file, immutable };
+        (!writable()).then_some(guard)
+    }
+}
+
+impl Drop for ReadOnly<'_> {
+    fn drop(&mut self) {
+        if self.immutable {
+            let _ = Command::new("chattr").arg("-i").arg(self.file).status();
+        }
+    }
+}
+
+#[test]
+fn a_read_only_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("read-only.db");
+    std::fs::write(&file, b"").expect("create the file");
+    let Some(_read_only) = ReadOnly::make(&file) else {
+        println!(
+            "SKIPPED: cannot make a file read-only for this user here \
+             (root, and no chattr +i on this filesystem)"
+        );
+        return;
+    };
+    let url = format!("sqlite://{}?mode=rwc", file.display());
+    for (form, refusal) in [
+        ("flag", run(dir.path(), &["--database-url", &url], &[])),
+        ("env", run(dir.path(), &[], &[("DATABASE_URL", &url)])),
+    ] {
+        refusal.assert_refused(
+            &format!("read-only SQLite file ({form})"),
+            &["--database-url", "DATABASE_URL", "read-only"],
+        );
+    }
+}
+
 #[test]
 fn values_clap_refuses_are_one_line_naming_the_variable_too() {
     let dir = tempfile::tempdir().expect("a temporary directory");
