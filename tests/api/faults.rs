@@ -7,16 +7,13 @@
 use crate::helpers;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use helpers::{
     Backend, TestDatabase,
-    history::{self, History, Load},
+    history::{self, Control, History, Load},
     pg_cluster::PgCluster,
     process::ServerProcess,
 };
@@ -33,27 +30,22 @@ fn endless(seed: u64) -> Load {
     }
 }
 
-/// Starts `load` in the background; returns the stop flag and the handle.
+/// Starts `load` in the background; returns its control and the handle.
 fn start_load(
     addrs: Vec<std::net::SocketAddr>,
     load: Load,
     started: Instant,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<History>) {
-    let stop = Arc::new(AtomicBool::new(false));
+) -> (Control, tokio::task::JoinHandle<History>) {
+    let control = Control::default();
     let handle = tokio::spawn({
-        let stop = stop.clone();
-        async move { history::run_load(&addrs, load, started, Some(stop)).await }
+        let control = control.clone();
+        async move { history::run_load(&addrs, load, started, Some(control)).await }
     });
-    (stop, handle)
+    (control, handle)
 }
 
-/// Lets the load run for `duration`: fault timing, not synchronization.
-async fn under_load_for(duration: Duration) {
-    tokio::time::sleep(duration).await;
-}
-
-async fn stop_load(stop: Arc<AtomicBool>, load: tokio::task::JoinHandle<History>) -> History {
-    stop.store(true, Ordering::Relaxed);
+async fn stop_load(control: Control, load: tokio::task::JoinHandle<History>) -> History {
+    control.stop.store(true, Ordering::Relaxed);
     load.await.expect("the load did not panic")
 }
 
@@ -71,12 +63,12 @@ async fn database_connections_killed_mid_load() {
     let app = helpers::spawn_app(Backend::Postgres).await;
     let seed: u64 = rand::random();
     let load = endless(seed);
-    let (stop, running) = start_load(vec![app.addr], load, Instant::now());
+    let (load_control, running) = start_load(vec![app.addr], load, Instant::now());
 
     let admin = app.db().await;
     let mut killed = 0;
     for _ in 0..5 {
-        under_load_for(Duration::from_millis(150)).await;
+        load_control.answered_more(30).await;
         killed += helpers::pg::count(
             &admin,
             "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
@@ -84,8 +76,8 @@ async fn database_connections_killed_mid_load() {
         )
         .await;
     }
-    under_load_for(Duration::from_millis(300)).await;
-    let history = stop_load(stop, running).await;
+    load_control.answered_more(50).await;
+    let history = stop_load(load_control, running).await;
 
     assert!(killed > 0, "the service's connections were killed");
     let (checked, _) = history::assert_linearizable(
@@ -154,10 +146,10 @@ async fn postgres_stopped_and_restarted_under_load() {
         clients: 4,
         ..endless(seed)
     };
-    let (stop, running) = start_load(vec![app.addr], load, Instant::now());
+    let (load_control, running) = start_load(vec![app.addr], load, Instant::now());
 
     for mode in ["fast", "immediate"] {
-        under_load_for(Duration::from_millis(300)).await;
+        load_control.answered_more(50).await;
         cluster.stop(mode);
         helpers::wait_for_health(app.addr, "", ServingStatus::NotServing).await;
         let status = app
@@ -168,8 +160,8 @@ async fn postgres_stopped_and_restarted_under_load() {
         cluster.start();
         helpers::wait_for_health(app.addr, "", ServingStatus::Serving).await;
     }
-    under_load_for(Duration::from_millis(300)).await;
-    let history = stop_load(stop, running).await;
+    load_control.answered_more(50).await;
+    let history = stop_load(load_control, running).await;
 
     let (checked, unknown) = history::assert_linearizable(
         &format!("PostgreSQL stop -m fast and -m immediate, restarted (seed {seed})"),
@@ -198,17 +190,17 @@ async fn server_killed_and_restarted(backend: Backend) {
 
     let first = ServerProcess::start(&env);
     helpers::wait_for_health(first.addr, "", ServingStatus::Serving).await;
-    let (stop, running) = start_load(vec![first.addr], load, started);
-    under_load_for(Duration::from_millis(500)).await;
+    let (load_control, running) = start_load(vec![first.addr], load, started);
+    load_control.answered_more(100).await;
     // Clients stop starting new calls as the server dies; the calls in
     // flight at the kill are the indeterminate ones.
-    stop.store(true, Ordering::Relaxed);
+    load_control.stop.store(true, Ordering::Relaxed);
     let kill = std::process::Command::new("kill")
         .args(["-KILL", &first.pid().to_string()])
         .status()
         .expect("kill runs");
     assert!(kill.success());
-    let before = stop_load(stop, running).await;
+    let before = stop_load(load_control, running).await;
     drop(first);
 
     let second = ServerProcess::start(&env);

@@ -84,6 +84,66 @@ fn checker_lets_unknown_operations_happen_or_not() {
 }
 
 #[test]
+fn checker_may_need_each_of_several_identical_unknown_operations() {
+    // Both unanswered Links must have happened, one on each side of the
+    // acknowledged Unlink: trying only the earliest pending twin at each
+    // step must still find that.
+    let h = history(vec![
+        event(Op::Link(0, 0), Outcome::Unknown, 0, u64::MAX),
+        event(Op::UnlinkByUser(0), Outcome::Mapping(0, 0), 10, 11),
+        event(Op::Link(0, 0), Outcome::Unknown, 20, u64::MAX),
+        event(Op::GetByUser(0), Outcome::Mapping(0, 0), 30, 31),
+    ]);
+    assert!(linearize(&h, Model::new(1), None).is_some());
+}
+
+/// Every write the model knows over `n` users and customers.
+fn every_write(n: u8) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for u in 0..n {
+        for c in 0..n {
+            ops.push(Op::Link(u, c));
+        }
+        ops.push(Op::UnlinkByUser(u));
+        ops.push(Op::UnlinkByCustomer(u));
+    }
+    ops
+}
+
+#[test]
+fn checker_copes_with_a_fault_that_leaves_many_operations_unanswered() {
+    // Unanswered writes (several of every write over 3 users), as a long
+    // outage leaves them, then reads that pin the outcome down. The search
+    // used to give up on a few dozen such operations.
+    let unanswered = |count: usize| -> Vec<Event> {
+        every_write(3)
+            .into_iter()
+            .cycle()
+            .take(count)
+            .enumerate()
+            .map(|(i, op)| event(op, Outcome::Unknown, i as u64, u64::MAX))
+            .collect()
+    };
+    let reads = [
+        event(Op::GetByUser(0), Outcome::Mapping(0, 2), 100, 101),
+        event(Op::GetByUser(1), Outcome::NotFound, 102, 103),
+        event(Op::GetByCustomer(1), Outcome::Mapping(2, 1), 104, 105),
+    ];
+    let with_reads = |count: usize, extra: &[Event]| {
+        let mut events = unanswered(count);
+        events.extend(reads);
+        events.extend_from_slice(extra);
+        history(events)
+    };
+    assert!(linearize(&with_reads(60, &[]), Model::new(4), None).is_some());
+
+    // And it still says no, after searching every order, when none explains
+    // a read: nothing ever linked customer 3.
+    let impossible = event(Op::GetByUser(1), Outcome::Mapping(1, 3), 106, 107);
+    assert!(linearize(&with_reads(16, &[impossible]), Model::new(4), None).is_none());
+}
+
+#[test]
 fn checker_holds_the_final_table_to_the_history() {
     let h = history(vec![event(Op::Link(0, 0), Outcome::Created, 0, 1)]);
     // An acknowledged Link that is not in the table was lost.

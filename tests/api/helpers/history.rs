@@ -10,11 +10,11 @@
 //! can take effect at any point after their invocation, or never.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -159,75 +159,146 @@ impl Model {
 /// is none (the history is not linearizable). `final_states`, when given,
 /// must contain the linearization's final state (the table as read after
 /// the run), which also pins down whether unknown operations happened.
+///
+/// A depth-first search over (answered operations linearized, model state,
+/// unanswered operations used). Two reductions keep a fault that leaves
+/// dozens of operations unanswered checkable:
+/// - Unanswered operations that are the same operation are used earliest
+///   invoked first: one could go wherever a later twin could (invoked no
+///   later, and neither ever completed, so neither limits the horizon). So
+///   only how many of each kind were used matters, not which.
+/// - A state that has used, of every kind, at least as many unanswered
+///   operations as an explored one with the same answered set and model
+///   state has a subset of its futures: that one failed, so this one fails.
+///   Answered operations are tried before unanswered ones, so the state
+///   that used fewer is usually explored first.
 pub fn linearize(
     history: &History,
     initial: Model,
     final_state: Option<&HashSet<(Key, Key)>>,
 ) -> Option<Model> {
-    // A read whose answer was lost changed nothing: leave it out.
-    let mut events: Vec<Event> = history
+    let mut answered: Vec<Event> = history
+        .events
+        .iter()
+        .filter(|e| e.outcome != Outcome::Unknown)
+        .copied()
+        .collect();
+    answered.sort_by_key(|e| e.invoked);
+    // Unanswered writes, by operation, each kind in invocation order. A
+    // read whose answer was lost changed nothing: left out.
+    let mut kinds: Vec<(Op, Vec<u64>)> = Vec::new();
+    let mut unanswered: Vec<Event> = history
         .events
         .iter()
         .filter(|e| {
-            !(e.outcome == Outcome::Unknown
-                && matches!(e.op, Op::GetByUser(_) | Op::GetByCustomer(_)))
+            e.outcome == Outcome::Unknown
+                && !matches!(e.op, Op::GetByUser(_) | Op::GetByCustomer(_))
         })
         .copied()
         .collect();
-    events.sort_by_key(|e| e.invoked);
-    let n = events.len();
-    let words = n.div_ceil(64);
-    let required = events
-        .iter()
-        .filter(|e| e.outcome != Outcome::Unknown)
-        .count();
-
-    // Explicit DFS stack: (linearized set, count of required ones done, state).
-    let mut stack = vec![(vec![0u64; words], 0usize, initial)];
-    let mut seen: HashSet<(Vec<u64>, Model)> = HashSet::new();
-    while let Some((done, required_done, state)) = stack.pop() {
-        if required_done == required && final_state.is_none_or(|pairs| state.pairs() == *pairs) {
-            return Some(state);
+    unanswered.sort_by_key(|e| e.invoked);
+    for event in &unanswered {
+        match kinds.iter_mut().find(|(op, _)| *op == event.op) {
+            Some((_, invoked)) => invoked.push(event.invoked),
+            None => kinds.push((event.op, vec![event.invoked])),
         }
-        if !seen.insert((done.clone(), state.clone())) {
+    }
+    let n = answered.len();
+    let words = n.div_ceil(64).max(1);
+    let is_done = |done: &[u64], i: usize| done[i / 64] & (1 << (i % 64)) != 0;
+
+    struct State {
+        done: Vec<u64>,
+        done_count: usize,
+        used: Vec<u16>,
+        model: Model,
+    }
+    let mut stack = vec![State {
+        done: vec![0; words],
+        done_count: 0,
+        used: vec![0; kinds.len()],
+        model: initial,
+    }];
+    // Explored (and so failed) states: for each answered set and model
+    // state, the vectors of unanswered operations used.
+    let mut explored: HashMap<(Vec<u64>, Model), Vec<Vec<u16>>> = HashMap::new();
+    let mut states = 0usize;
+    while let Some(State {
+        done,
+        done_count,
+        used,
+        model,
+    }) = stack.pop()
+    {
+        if done_count == n && final_state.is_none_or(|pairs| model.pairs() == *pairs) {
+            return Some(model);
+        }
+        let seen = explored.entry((done.clone(), model.clone())).or_default();
+        if seen
+            .iter()
+            .any(|fewer| fewer.iter().zip(&used).all(|(f, u)| f <= u))
+        {
             continue;
         }
+        seen.push(used.clone());
+        states += 1;
         assert!(
-            seen.len() < MAX_SEARCH_STATES,
+            states < MAX_SEARCH_STATES,
             "the checker gave up after {MAX_SEARCH_STATES} states ({} unknown operations): \
              the scenario produces too many indeterminate operations to check",
-            n - required
+            unanswered.len()
         );
-        // An operation may go next iff no pending operation completed before
-        // it was invoked.
-        let horizon = events
+        // An operation may go next iff no pending answered operation
+        // completed before it was invoked.
+        let horizon = answered
             .iter()
             .enumerate()
-            .filter(|(i, _)| done[i / 64] & (1 << (i % 64)) == 0)
+            .filter(|(i, _)| !is_done(&done, *i))
             .map(|(_, e)| e.completed)
             .min()
             .unwrap_or(u64::MAX);
-        for (i, event) in events.iter().enumerate() {
-            if event.invoked > horizon {
-                break; // sorted by invocation
-            }
-            if done[i / 64] & (1 << (i % 64)) != 0 {
+        // Pushed first, so popped last: unanswered operations are tried
+        // only when answered ones can't explain the history without them.
+        for (k, (op, invoked)) in kinds.iter().enumerate() {
+            let next_use = usize::from(used[k]);
+            if next_use == invoked.len() || invoked[next_use] > horizon {
                 continue;
             }
-            let mut next = state.clone();
-            let answer = next.apply(event.op);
-            if event.outcome == Outcome::Unknown && next == state {
+            let mut next = model.clone();
+            next.apply(*op);
+            if next == model {
                 // Happening now would change nothing: leave it pending, it
                 // may still take effect later (or never).
                 continue;
             }
-            if event.outcome != Outcome::Unknown && answer != event.outcome {
+            let mut next_used = used.clone();
+            next_used[k] += 1;
+            stack.push(State {
+                done: done.clone(),
+                done_count,
+                used: next_used,
+                model: next,
+            });
+        }
+        for (i, event) in answered.iter().enumerate() {
+            if event.invoked > horizon {
+                break; // sorted by invocation
+            }
+            if is_done(&done, i) {
+                continue;
+            }
+            let mut next = model.clone();
+            if next.apply(event.op) != event.outcome {
                 continue;
             }
             let mut next_done = done.clone();
             next_done[i / 64] |= 1 << (i % 64);
-            let next_required = required_done + usize::from(event.outcome != Outcome::Unknown);
-            stack.push((next_done, next_required, next));
+            stack.push(State {
+                done: next_done,
+                done_count: done_count + 1,
+                used: used.clone(),
+                model: next,
+            });
         }
     }
     None
@@ -259,20 +330,48 @@ impl Load {
     }
 }
 
+/// Steers a load running in the background: set `stop` to end it early;
+/// `answered` counts the calls that got an answer so far, so that a fault
+/// scenario can wait for progress instead of for time.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    pub stop: Arc<AtomicBool>,
+    pub answered: Arc<AtomicUsize>,
+}
+
+impl Control {
+    /// Waits until `more` calls have been answered since the call began
+    /// (bounded: a load that stops making progress fails the test).
+    pub async fn answered_more(&self, more: usize) {
+        let wanted = self.answered.load(Ordering::Relaxed) + more;
+        let progressed = async {
+            while self.answered.load(Ordering::Relaxed) < wanted {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), progressed)
+            .await
+            .unwrap_or_else(|_| panic!("the load did not answer {more} more calls within 60 s"));
+    }
+}
+
 /// Runs `load` with clients spread over `addrs` (one HTTP/2 connection each)
-/// and returns what they saw. Each client stops early once `stop` is set.
-/// After an unknown outcome a client pauses briefly: during an outage that
-/// keeps the number of "may or may not have happened" operations, which the
-/// checker must try both ways, small.
+/// and returns what they saw. Each client stops early once `control.stop`
+/// is set.
+/// After an unknown outcome a client pauses briefly and then only reads
+/// until it gets an answer again: during an outage that keeps the number of
+/// "may or may not have happened" writes, which the checker must try every
+/// way, at one per client per outage however long the outage or slow the
+/// machine (a read left unanswered changed nothing and is not checked).
 pub async fn run_load(
     addrs: &[SocketAddr],
     load: Load,
     started: Instant,
-    stop: Option<Arc<AtomicBool>>,
+    control: Option<Control>,
 ) -> History {
     let clients = (0..load.clients).map(|i| {
         let addr = addrs[i % addrs.len()];
-        let stop = stop.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             let channel = Channel::from_shared(format!("http://{addr}"))
                 .expect("a URI")
@@ -280,16 +379,19 @@ pub async fn run_load(
             let mut client = CustomerMappingClient::new(channel);
             let mut rng = StdRng::seed_from_u64(load.seed.wrapping_add(i as u64));
             let mut history = History::default();
+            let mut only_reads = false;
             for _ in 0..load.operations_per_client {
-                if stop
+                if control
                     .as_ref()
-                    .is_some_and(|stop| stop.load(Ordering::Relaxed))
+                    .is_some_and(|c| c.stop.load(Ordering::Relaxed))
                 {
                     break;
                 }
                 let u = rng.random_range(0..load.users) as Key;
                 let c = rng.random_range(0..load.customers) as Key;
                 let op = match rng.random_range(0..10) {
+                    _ if only_reads && rng.random_bool(0.5) => Op::GetByUser(u),
+                    _ if only_reads => Op::GetByCustomer(c),
                     0..=3 => Op::Link(u, c),
                     4 => Op::GetByUser(u),
                     5 => Op::GetByCustomer(c),
@@ -299,10 +401,14 @@ pub async fn run_load(
                 let deadline = rng.random_range(load.deadline / 8..=load.deadline);
                 let invoked = started.elapsed().as_nanos() as u64;
                 let outcome = call(&mut client, op, deadline).await;
+                only_reads = outcome == Outcome::Unknown;
                 let completed = if outcome == Outcome::Unknown {
                     tokio::time::sleep(PAUSE_AFTER_UNKNOWN).await;
                     u64::MAX
                 } else {
+                    if let Some(control) = &control {
+                        control.answered.fetch_add(1, Ordering::Relaxed);
+                    }
                     started.elapsed().as_nanos() as u64
                 };
                 history.events.push(Event {
