@@ -4,14 +4,25 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_create_stripe_customers;
+mod m20261201_000001_create_mapping_events;
+mod preexisting;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(
-            m20261128_000001_create_stripe_customers::Migration,
-        )]
+        vec![
+            Box::new(m20261128_000001_create_stripe_customers::Migration),
+            Box::new(m20261201_000001_create_mapping_events::Migration),
+        ]
     }
+}
+
+/// Applies every pending migration, after checking that the database holds
+/// no `stripe_customers` table of another shape (see [`preexisting`]); when
+/// it does, fails with one line and changes nothing.
+pub async fn up(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), DbErr> {
+    preexisting::check(&SchemaManager::new(db)).await?;
+    Migrator::up(db, None).await
 }

@@ -17,19 +17,31 @@ use subtle::ConstantTimeEq;
 pub use policy::PolicyError;
 use policy::{Entry, Policy};
 
-/// The RPCs a policy can allow: the methods of `customermapping.v1.CustomerMapping`.
+/// The RPCs a policy can allow: the methods of `customermapping.v1.CustomerMapping`,
+/// each by its own name (allowing `Get` does not allow the bulk reads, which
+/// expose far more at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Rpc {
     Link,
     Get,
     Unlink,
+    BatchGet,
+    List,
+    ListEvents,
 }
 
 impl Rpc {
     /// Every RPC, in the proto's order: the one list that authorization,
     /// decoding, the fuzz target and the tests iterate (a unit test checks it
     /// against the compiled proto, so a new RPC can't be left out).
-    pub const ALL: [Rpc; 3] = [Rpc::Link, Rpc::Get, Rpc::Unlink];
+    pub const ALL: [Rpc; 6] = [
+        Rpc::Link,
+        Rpc::Get,
+        Rpc::Unlink,
+        Rpc::BatchGet,
+        Rpc::List,
+        Rpc::ListEvents,
+    ];
 
     /// The method name, as in the proto and the policy file.
     pub fn name(self) -> &'static str {
@@ -37,6 +49,9 @@ impl Rpc {
             Rpc::Link => "Link",
             Rpc::Get => "Get",
             Rpc::Unlink => "Unlink",
+            Rpc::BatchGet => "BatchGet",
+            Rpc::List => "List",
+            Rpc::ListEvents => "ListEvents",
         }
     }
 }

@@ -1,18 +1,41 @@
 //! Domain values to proto messages.
 
-use crate::{mapping, proto};
+use crate::{
+    mapping::{self, EventKind},
+    proto::{self, mapping_event},
+};
 
 impl From<mapping::Mapping> for proto::Mapping {
     fn from(m: mapping::Mapping) -> Self {
         proto::Mapping {
             user_id: m.user_id.into(),
             stripe_customer_id: m.stripe_customer_id.into(),
-            create_time: Some(prost_types::Timestamp {
-                seconds: m.created_at.timestamp(),
-                // chrono encodes a leap second as nanos >= 1e9; protobuf does not.
-                nanos: i32::try_from(m.created_at.timestamp_subsec_nanos().min(999_999_999))
-                    .unwrap_or(0),
-            }),
+            create_time: Some(timestamp(m.created_at)),
         }
+    }
+}
+
+impl From<mapping::Event> for proto::MappingEvent {
+    fn from(event: mapping::Event) -> Self {
+        let kind = match event.kind {
+            EventKind::Linked => mapping_event::Kind::Linked,
+            EventKind::Unlinked => mapping_event::Kind::Unlinked,
+        };
+        proto::MappingEvent {
+            sequence: event.sequence,
+            kind: kind.into(),
+            time: Some(timestamp(event.time)),
+            mapping: Some(event.mapping.into()),
+            caller: event.caller,
+            request_id: event.request_id,
+        }
+    }
+}
+
+fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        // chrono encodes a leap second as nanos >= 1e9; protobuf does not.
+        nanos: i32::try_from(time.timestamp_subsec_nanos().min(999_999_999)).unwrap_or(0),
     }
 }

@@ -2,14 +2,17 @@
 //! replies. Status codes are chosen in `status.rs` only.
 //!
 //! - `service`: the `CustomerMapping` implementation, one thin handler per RPC.
-//! - `request`: request messages to validated domain arguments.
+//! - `request`: request messages to validated domain arguments;
+//!   `bulk_request` for BatchGet, List and ListEvents, with `page_token`.
 //! - `convert`: domain values to proto messages.
 //! - `observe`: what wraps every call (guard, request id, log line, metrics).
 
+mod bulk_request;
 pub mod codec;
 mod convert;
 pub mod limits;
 mod observe;
+mod page_token;
 mod request;
 mod service;
 pub mod status;

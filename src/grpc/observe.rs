@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::status;
 use crate::{
     auth::{AuthError, Authorizer, Caller, Credentials, Rpc},
+    mapping::Actor,
     proto::SERVICE_NAME,
     telemetry::metrics,
 };
@@ -39,7 +40,8 @@ impl Guard {
         &self,
         rpc: Rpc,
         request: Request<Req>,
-        handler: impl FnOnce(Req) -> Fut,
+        request_id: &str,
+        handler: impl FnOnce(Req, Actor) -> Fut,
     ) -> (CallerLabel, Result<Res, Status>)
     where
         Fut: Future<Output = Result<Res, Status>>,
@@ -55,9 +57,12 @@ impl Guard {
         };
         // A caller's own shorter deadline is enforced by tonic; this bounds
         // calls from callers that set none.
-        let result = tokio::time::timeout(self.default_deadline, handler(request.into_inner()))
-            .await
-            .unwrap_or_else(|_| Err(status::deadline_exceeded()));
+        // The audit trail names the caller as the log line does.
+        let actor = Actor::new(caller.to_string(), request_id.to_owned());
+        let result =
+            tokio::time::timeout(self.default_deadline, handler(request.into_inner(), actor))
+                .await
+                .unwrap_or_else(|_| Err(status::deadline_exceeded()));
         (caller, result)
     }
 }
@@ -125,7 +130,8 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Longest caller-supplied request id we adopt; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Runs `handler` on the request's message if the guard lets it, then logs
+/// Runs `handler` on the request's message and who sent it (the caller and
+/// the request id, for the audit trail) if the guard lets it, then logs
 /// and counts the result and returns the request id in the response (or
 /// error) metadata.
 pub async fn observe<Req, Res, F, Fut>(
@@ -135,14 +141,17 @@ pub async fn observe<Req, Res, F, Fut>(
     handler: F,
 ) -> Result<Response<Res>, Status>
 where
-    F: FnOnce(Req) -> Fut,
+    F: FnOnce(Req, Actor) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
     let method = rpc.name();
     let request_id = request_id(&request);
     let span = tracing::info_span!("rpc", method, request_id = %request_id);
     let started = Instant::now();
-    let (caller, result) = guard.run(rpc, request, handler).instrument(span).await;
+    let (caller, result) = guard
+        .run(rpc, request, &request_id, handler)
+        .instrument(span)
+        .await;
     let elapsed = started.elapsed();
 
     let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);

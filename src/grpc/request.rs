@@ -3,6 +3,7 @@
 
 use tonic::Status;
 
+use super::bulk_request::{batch_get_keys, list_arguments, list_events_arguments};
 use super::codec;
 use crate::auth::Rpc;
 use crate::mapping::{Error, FieldViolation, InvalidId, Key, StripeCustomerId, UserId};
@@ -51,28 +52,31 @@ pub fn decode_and_validate(method: Rpc, bytes: &[u8]) -> Result<(), Status> {
         Rpc::Link => link_arguments(codec::decode_request(bytes)?).map(drop),
         Rpc::Get => get_key(codec::decode_request(bytes)?).map(drop),
         Rpc::Unlink => unlink_key(codec::decode_request(bytes)?).map(drop),
+        Rpc::BatchGet => batch_get_keys(&codec::decode_request(bytes)?).map(drop),
+        Rpc::List => list_arguments(&codec::decode_request(bytes)?).map(drop),
+        Rpc::ListEvents => list_events_arguments(&codec::decode_request(bytes)?).map(drop),
     }
     .map_err(Status::from)
 }
 
 fn parse<T>(field: &'static str, parsed: Result<T, InvalidId>) -> Result<T, FieldViolation> {
     parsed.map_err(|e| FieldViolation {
-        field,
+        field: field.into(),
         description: e.to_string(),
     })
 }
 
-fn user_key(raw: String) -> Result<Key, FieldViolation> {
+pub(super) fn user_key(raw: String) -> Result<Key, FieldViolation> {
     parse("user_id", UserId::parse(raw)).map(Key::User)
 }
 
-fn customer_key(raw: String) -> Result<Key, FieldViolation> {
+pub(super) fn customer_key(raw: String) -> Result<Key, FieldViolation> {
     parse("stripe_customer_id", StripeCustomerId::parse(raw)).map(Key::Customer)
 }
 
 fn missing_key() -> FieldViolation {
     FieldViolation {
-        field: "key",
+        field: "key".into(),
         description: "exactly one of user_id or stripe_customer_id must be set".into(),
     }
 }

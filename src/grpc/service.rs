@@ -4,14 +4,18 @@
 use tonic::{Request, Response, Status};
 
 use super::{
+    bulk_request::{
+        batch_get_keys, events_token, list_arguments, list_events_arguments, list_token,
+    },
     observe::{Guard, observe},
     request::{get_key, link_arguments, unlink_key},
 };
 use crate::auth::Rpc;
-use crate::mapping::Mappings;
+use crate::mapping::{Actor, Mappings};
 use crate::proto::{
-    GetRequest, GetResponse, LinkRequest, LinkResponse, UnlinkRequest, UnlinkResponse,
-    customer_mapping_server::CustomerMapping,
+    BatchGetRequest, BatchGetResponse, BatchGetResult, GetRequest, GetResponse, LinkRequest,
+    LinkResponse, ListEventsRequest, ListEventsResponse, ListRequest, ListResponse, UnlinkRequest,
+    UnlinkResponse, customer_mapping_server::CustomerMapping,
 };
 
 /// The `customermapping.v1.CustomerMapping` service.
@@ -30,14 +34,14 @@ impl CustomerMappingService {
 #[tonic::async_trait]
 impl CustomerMapping for CustomerMappingService {
     async fn link(&self, request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
-        observe(&self.guard, Rpc::Link, request, |message| {
-            self.handle_link(message)
+        observe(&self.guard, Rpc::Link, request, |message, actor| {
+            self.handle_link(message, actor)
         })
         .await
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        observe(&self.guard, Rpc::Get, request, |message| {
+        observe(&self.guard, Rpc::Get, request, |message, _| {
             self.handle_get(message)
         })
         .await
@@ -47,17 +51,51 @@ impl CustomerMapping for CustomerMappingService {
         &self,
         request: Request<UnlinkRequest>,
     ) -> Result<Response<UnlinkResponse>, Status> {
-        observe(&self.guard, Rpc::Unlink, request, |message| {
-            self.handle_unlink(message)
+        observe(&self.guard, Rpc::Unlink, request, |message, actor| {
+            self.handle_unlink(message, actor)
+        })
+        .await
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<BatchGetRequest>,
+    ) -> Result<Response<BatchGetResponse>, Status> {
+        observe(&self.guard, Rpc::BatchGet, request, |message, _| {
+            self.handle_batch_get(message)
+        })
+        .await
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        observe(&self.guard, Rpc::List, request, |message, _| {
+            self.handle_list(message)
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        observe(&self.guard, Rpc::ListEvents, request, |message, _| {
+            self.handle_list_events(message)
         })
         .await
     }
 }
 
 impl CustomerMappingService {
-    async fn handle_link(&self, request: LinkRequest) -> Result<LinkResponse, Status> {
+    async fn handle_link(
+        &self,
+        request: LinkRequest,
+        actor: Actor,
+    ) -> Result<LinkResponse, Status> {
         let (user_id, stripe_customer_id) = link_arguments(request)?;
-        let linked = self.mappings.link(user_id, stripe_customer_id).await?;
+        let linked = self
+            .mappings
+            .link(user_id, stripe_customer_id, actor)
+            .await?;
         Ok(LinkResponse {
             mapping: Some(linked.mapping.into()),
             created: linked.created,
@@ -71,10 +109,58 @@ impl CustomerMappingService {
         })
     }
 
-    async fn handle_unlink(&self, request: UnlinkRequest) -> Result<UnlinkResponse, Status> {
-        let mapping = self.mappings.unlink(&unlink_key(request)?).await?;
+    async fn handle_unlink(
+        &self,
+        request: UnlinkRequest,
+        actor: Actor,
+    ) -> Result<UnlinkResponse, Status> {
+        let mapping = self.mappings.unlink(&unlink_key(request)?, actor).await?;
         Ok(UnlinkResponse {
             mapping: Some(mapping.into()),
+        })
+    }
+
+    async fn handle_batch_get(&self, request: BatchGetRequest) -> Result<BatchGetResponse, Status> {
+        let keys = batch_get_keys(&request)?;
+        let found = self.mappings.batch_get(keys).await?;
+        Ok(BatchGetResponse {
+            // `key` echoes the request's key, as sent.
+            results: request
+                .keys
+                .into_iter()
+                .zip(found)
+                .map(|(key, mapping)| BatchGetResult {
+                    key: Some(key),
+                    mapping: mapping.map(Into::into),
+                })
+                .collect(),
+        })
+    }
+
+    async fn handle_list(&self, request: ListRequest) -> Result<ListResponse, Status> {
+        let (after, page_size) = list_arguments(&request)?;
+        let page = self.mappings.list(after, page_size).await?;
+        Ok(ListResponse {
+            mappings: page.mappings.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(list_token).unwrap_or_default(),
+        })
+    }
+
+    async fn handle_list_events(
+        &self,
+        request: ListEventsRequest,
+    ) -> Result<ListEventsResponse, Status> {
+        let query = list_events_arguments(&request)?;
+        let page = self
+            .mappings
+            .list_events(query.key.clone(), query.after, query.page_size)
+            .await?;
+        Ok(ListEventsResponse {
+            events: page.events.into_iter().map(Into::into).collect(),
+            next_page_token: page
+                .next
+                .map(|sequence| events_token(query.key.as_ref(), sequence))
+                .unwrap_or_default(),
         })
     }
 }

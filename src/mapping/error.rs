@@ -1,9 +1,12 @@
+use std::borrow::Cow;
+
 use super::{Key, Mapping};
 
-/// A field the caller got wrong, named as in the proto.
+/// A field the caller got wrong, named as in the proto (`keys[3].user_id`
+/// for an element of a repeated field, hence not always static).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
-    pub field: &'static str,
+    pub field: Cow<'static, str>,
     pub description: String,
 }
 

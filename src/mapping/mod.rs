@@ -1,13 +1,22 @@
-//! The domain: validated ids, the mapping, and the Link / Get / Unlink rules.
+//! The domain: validated ids, the mapping, the Link / Get / Unlink rules,
+//! the bulk reads (BatchGet, List) and the audit trail (ListEvents).
 //! Knows nothing of gRPC.
 
+mod actor;
+mod audit;
+mod batch;
 mod error;
 mod ids;
+mod list;
 
 use chrono::{DateTime, SubsecRound, Utc};
 
+pub use actor::Actor;
+pub use audit::{Event, EventKind, EventsPage};
+pub use batch::MAX_BATCH_KEYS;
 pub use error::{BoxError, Error, FieldViolation};
 pub use ids::{InvalidId, MAX_ID_CHARS, StripeCustomerId, UserId};
+pub use list::{DEFAULT_PAGE_SIZE, ListCursor, ListPage, MAX_PAGE_SIZE};
 
 use crate::store::{self, DatabaseHandle, LinkAttempt, Store, entity::Model};
 
@@ -61,13 +70,15 @@ impl Mappings {
 
     /// Links `user_id` to `stripe_customer_id`, or says who holds either.
     /// See [`store::try_link`] for why this has no race window.
+    /// A link that creates the mapping records a `Linked` event by `actor`.
     pub async fn link(
         &self,
         user_id: UserId,
         stripe_customer_id: StripeCustomerId,
+        actor: Actor,
     ) -> Result<Linked, Error> {
         let db = self.db()?.clone();
-        run_to_completion(async move { link(&db, user_id, stripe_customer_id).await }).await
+        run_to_completion(async move { link(&db, user_id, stripe_customer_id, &actor).await }).await
     }
 
     /// The mapping holding `key`.
@@ -83,13 +94,18 @@ impl Mappings {
         .await
     }
 
-    /// Removes the mapping holding `key` and returns it.
-    pub async fn unlink(&self, key: &Key) -> Result<Mapping, Error> {
+    /// Removes the mapping holding `key` and returns it, recording an
+    /// `Unlinked` event by `actor`.
+    pub async fn unlink(&self, key: &Key, actor: Actor) -> Result<Mapping, Error> {
         let (db, key) = (self.db()?.clone(), key.clone());
         run_to_completion(async move {
+            let now = Utc::now().trunc_subsecs(6);
+            let by = actor.as_store();
             let row = match &key {
-                Key::User(id) => store::delete_by_user_id(&db, id.as_str()).await?,
-                Key::Customer(id) => store::delete_by_stripe_customer_id(&db, id.as_str()).await?,
+                Key::User(id) => store::delete_by_user_id(&db, id.as_str(), now, by).await?,
+                Key::Customer(id) => {
+                    store::delete_by_stripe_customer_id(&db, id.as_str(), now, by).await?
+                }
             };
             row.ok_or(Error::NotFound(key))?.try_into()
         })
@@ -116,22 +132,30 @@ async fn link(
     db: &DatabaseHandle,
     user_id: UserId,
     stripe_customer_id: StripeCustomerId,
+    actor: &Actor,
 ) -> Result<Linked, Error> {
     // PostgreSQL keeps microseconds; truncating here makes the reply of
     // the creating call equal to every later read.
     let now = Utc::now().trunc_subsecs(6);
     for _ in 0..MAX_LINK_ATTEMPTS {
-        let rows =
-            match store::try_link(db, user_id.as_str(), stripe_customer_id.as_str(), now).await? {
-                LinkAttempt::Created(row) => {
-                    return Ok(Linked {
-                        mapping: row.try_into()?,
-                        created: true,
-                    });
-                }
-                LinkAttempt::Conflicts(rows) => rows,
-                LinkAttempt::RolledBack => continue,
-            };
+        let rows = match store::try_link(
+            db,
+            user_id.as_str(),
+            stripe_customer_id.as_str(),
+            now,
+            actor.as_store(),
+        )
+        .await?
+        {
+            LinkAttempt::Created(row) => {
+                return Ok(Linked {
+                    mapping: row.try_into()?,
+                    created: true,
+                });
+            }
+            LinkAttempt::Conflicts(rows) => rows,
+            LinkAttempt::RolledBack => continue,
+        };
         // A row holding our user decides first: that is the question a
         // caller linking a user asks ("who is my customer?").
         if let Some(row) = rows.iter().find(|r| r.user_id == user_id.as_str()) {

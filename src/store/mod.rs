@@ -1,8 +1,12 @@
 //! Persistence: the SeaORM entity, the connection pool and the queries.
 //! Knows nothing of gRPC; speaks in rows and `DbErr`.
 
+mod batch;
 pub mod entity;
 mod errors;
+pub mod event_entity;
+pub mod events;
+pub mod list;
 
 use std::{
     sync::{Arc, OnceLock},
@@ -10,7 +14,6 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use migration::{Migrator, MigratorTrait};
 use sea_orm::{
     ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
     DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryTrait, Set, SqliteTransactionMode,
@@ -18,8 +21,10 @@ use sea_orm::{
     sea_query::{InsertStatement, OnConflict},
 };
 
+pub use batch::{Side, find_by_keys};
 use entity::{ActiveModel, Column, Entity as StripeCustomers, Model};
 pub use errors::{is_connection_lost, is_rolled_back_by_database};
+pub use events::Actor;
 
 /// Pool settings, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -66,7 +71,7 @@ pub async fn connect(url: &str, options: &PoolOptions) -> Result<DatabaseConnect
 /// Applies every pending migration. Replicas starting together may race;
 /// the loser gets an error and its start-up loop simply tries again.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    Migrator::up(db, None).await
+    migration::up(db).await
 }
 
 /// The database once it is connected and migrated, shared by the RPCs and
@@ -188,6 +193,7 @@ pub async fn try_link(
     user_id: &str,
     stripe_customer_id: &str,
     created_at: DateTime<Utc>,
+    actor: Actor<'_>,
 ) -> Result<LinkAttempt, DbErr> {
     let _turn = db.write_turn().await;
     let db = db.connection();
@@ -198,7 +204,7 @@ pub async fn try_link(
                 ..Default::default()
             })
             .await?;
-        let attempt = link_statements(&txn, user_id, stripe_customer_id, created_at).await?;
+        let attempt = link_statements(&txn, user_id, stripe_customer_id, created_at, actor).await?;
         Ok::<_, DbErr>((txn, attempt))
     };
     let (txn, attempt) = match in_transaction.await {
@@ -222,6 +228,7 @@ async fn link_statements(
     user_id: &str,
     stripe_customer_id: &str,
     created_at: DateTime<Utc>,
+    actor: Actor<'_>,
 ) -> Result<LinkAttempt, DbErr> {
     let insert = insert_unless_either_key_taken(user_id, stripe_customer_id, created_at);
     let inserted = StripeCustomers::find()
@@ -229,7 +236,11 @@ async fn link_statements(
         .one(txn)
         .await?;
     Ok(match inserted {
-        Some(model) => LinkAttempt::Created(model),
+        Some(model) => {
+            // In the insert's transaction: the event commits iff the row does.
+            events::record(txn, events::KIND_LINKED, &model, created_at, actor).await?;
+            LinkAttempt::Created(model)
+        }
         None => LinkAttempt::Conflicts(
             StripeCustomers::find()
                 .filter(
@@ -284,33 +295,63 @@ pub async fn find_by_stripe_customer_id(
         .await
 }
 
-/// Deletes the row holding `user_id` in one statement and returns it.
-pub async fn delete_by_user_id(db: &DatabaseHandle, user_id: &str) -> Result<Option<Model>, DbErr> {
-    delete_returning(db, Column::UserId, user_id).await
+/// Deletes the row holding `user_id`, records the event, and returns it.
+pub async fn delete_by_user_id(
+    db: &DatabaseHandle,
+    user_id: &str,
+    time: DateTime<Utc>,
+    actor: Actor<'_>,
+) -> Result<Option<Model>, DbErr> {
+    delete_returning(db, Column::UserId, user_id, time, actor).await
 }
 
-/// Deletes the row holding `stripe_customer_id` in one statement and returns it.
+/// Deletes the row holding `stripe_customer_id`, records the event, and
+/// returns it.
 pub async fn delete_by_stripe_customer_id(
     db: &DatabaseHandle,
     stripe_customer_id: &str,
+    time: DateTime<Utc>,
+    actor: Actor<'_>,
 ) -> Result<Option<Model>, DbErr> {
-    delete_returning(db, Column::StripeCustomerId, stripe_customer_id).await
+    delete_returning(
+        db,
+        Column::StripeCustomerId,
+        stripe_customer_id,
+        time,
+        actor,
+    )
+    .await
 }
 
 async fn delete_returning(
     db: &DatabaseHandle,
     column: Column,
     value: &str,
+    time: DateTime<Utc>,
+    actor: Actor<'_>,
 ) -> Result<Option<Model>, DbErr> {
     let _turn = db.write_turn().await;
+    let txn = db
+        .connection()
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..Default::default()
+        })
+        .await?;
     // `DELETE ... RETURNING` is atomic: of two concurrent Unlinks of the same
     // row exactly one gets it back, the other finds nothing.
     let mut deleted = StripeCustomers::delete_many()
         .filter(column.eq(value))
-        .exec_with_returning(db.connection())
+        .exec_with_returning(&txn)
         .await?;
     // The column is unique, so there is at most one row.
-    Ok(deleted.pop())
+    let removed = deleted.pop();
+    if let Some(row) = &removed {
+        // In the delete's transaction: the event commits iff the delete does.
+        events::record(&txn, events::KIND_UNLINKED, row, time, actor).await?;
+    }
+    txn.commit().await?;
+    Ok(removed)
 }
 
 /// Cheapest round trip that proves the database answers.

@@ -1,0 +1,35 @@
+//! BatchGet's read: every row holding any of many keys, in one statement.
+
+use sea_orm::{ColumnTrait, Condition, DbErr, EntityTrait, QueryFilter};
+
+use super::{
+    DatabaseHandle,
+    entity::{Column, Entity as StripeCustomers, Model},
+};
+
+/// One side of a mapping, to look rows up by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side<'a> {
+    User(&'a str),
+    Customer(&'a str),
+}
+
+/// The rows holding any of `users` or `customers`. One statement, so one
+/// snapshot on both databases: every row is as it was at the same instant.
+pub async fn find_by_keys(
+    db: &DatabaseHandle,
+    users: &[&str],
+    customers: &[&str],
+) -> Result<Vec<Model>, DbErr> {
+    let mut any = Condition::any();
+    if !users.is_empty() {
+        any = any.add(Column::UserId.is_in(users.iter().copied()));
+    }
+    if !customers.is_empty() {
+        any = any.add(Column::StripeCustomerId.is_in(customers.iter().copied()));
+    }
+    StripeCustomers::find()
+        .filter(any)
+        .all(db.connection())
+        .await
+}
