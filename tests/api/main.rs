@@ -7,9 +7,15 @@
 mod helpers;
 
 // The API, rule by rule.
+mod batch_get;
+mod events;
 mod get_unlink;
 mod link;
+mod list;
 mod validation;
+
+// Adopting it: the migration's check of a database that isn't ours yet.
+mod adoption;
 
 // Concurrency and faults: histories the linearizability checker accepts.
 mod concurrency;
