@@ -69,6 +69,38 @@ fn checker_rejects_a_stale_read_after_an_acknowledged_unlink() {
 }
 
 #[test]
+fn checker_rejects_a_batch_that_saw_half_of_a_move() {
+    use history::NONE;
+    let batch = |users, customers| Outcome::Batch(users, customers);
+    let mut of_users = [NONE; history::MAX_BATCH];
+    let mut of_customers = [NONE; history::MAX_BATCH];
+    // user 0 moves from customer 0 to customer 1, one step at a time.
+    let moving = vec![
+        event(Op::Link(0, 0), Outcome::Created, 0, 1),
+        event(Op::UnlinkByUser(0), Outcome::Mapping(0, 0), 2, 3),
+        event(Op::Link(0, 1), Outcome::Created, 4, 5),
+    ];
+    let read = Op::BatchGet {
+        users: 1,
+        customers: 2,
+    };
+    // Before, during and after: each a state of the model.
+    of_users[0] = 0;
+    of_customers[0] = 0;
+    let before = batch(of_users, of_customers);
+    let mut h = moving.clone();
+    h.push(event(read, before, 0, 10));
+    assert!(linearize(&history(h), Model::new(1), None).is_some());
+    // The user already on customer 1 while customer 0 still names it: no
+    // instant had both.
+    of_users[0] = 1;
+    let torn = batch(of_users, of_customers);
+    let mut h = moving;
+    h.push(event(read, torn, 0, 10));
+    assert!(linearize(&history(h), Model::new(1), None).is_none());
+}
+
+#[test]
 fn checker_lets_unknown_operations_happen_or_not() {
     let link = event(Op::Link(0, 0), Outcome::Unknown, 0, u64::MAX);
     for seen in [Outcome::Mapping(0, 0), Outcome::NotFound] {

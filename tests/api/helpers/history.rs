@@ -27,8 +27,8 @@ const PAUSE_AFTER_UNKNOWN: Duration = Duration::from_millis(100);
 const MAX_SEARCH_STATES: usize = 2_000_000;
 
 use customer_mapping::proto::{
-    GetRequest, LinkRequest, UnlinkRequest, customer_mapping_client::CustomerMappingClient,
-    get_request, unlink_request,
+    BatchGetRequest, BatchGetResult, GetRequest, LinkRequest, MappingKey, UnlinkRequest,
+    customer_mapping_client::CustomerMappingClient, get_request, mapping_key, unlink_request,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::{Code, Status, transport::Channel};
@@ -44,7 +44,19 @@ pub enum Op {
     GetByCustomer(Key),
     UnlinkByUser(Key),
     UnlinkByCustomer(Key),
+    /// BatchGet of `user-0` .. `user-{users - 1}` then `cus_0` ..
+    /// `cus_{customers - 1}`, at most [`MAX_BATCH`] of each.
+    BatchGet {
+        users: Key,
+        customers: Key,
+    },
 }
+
+/// Most users (and customers) one BatchGet of the checker asks for.
+pub const MAX_BATCH: usize = 8;
+
+/// No mapping holds the key, in [`Outcome::Batch`].
+pub const NONE: Key = Key::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -56,6 +68,9 @@ pub enum Outcome {
     CustomerTaken(Key),
     /// Get or Unlink returned this (user, customer).
     Mapping(Key, Key),
+    /// BatchGet: each user's customer, then each customer's user ([`NONE`]
+    /// where unlinked, and past what was asked).
+    Batch([Key; MAX_BATCH], [Key; MAX_BATCH]),
     NotFound,
     /// May or may not have taken effect.
     Unknown,
@@ -141,6 +156,21 @@ impl Model {
                 }
                 None => Outcome::NotFound,
             },
+            Op::BatchGet { users, customers } => {
+                let (mut of_users, mut of_customers) = ([NONE; MAX_BATCH], [NONE; MAX_BATCH]);
+                for u in 0..users {
+                    of_users[u as usize] = self
+                        .user_to_customer
+                        .get(u as usize)
+                        .copied()
+                        .flatten()
+                        .unwrap_or(NONE);
+                }
+                for c in 0..customers {
+                    of_customers[c as usize] = self.user_of(c).unwrap_or(NONE);
+                }
+                Outcome::Batch(of_users, of_customers)
+            }
         }
     }
 
@@ -192,7 +222,10 @@ pub fn linearize(
         .iter()
         .filter(|e| {
             e.outcome == Outcome::Unknown
-                && !matches!(e.op, Op::GetByUser(_) | Op::GetByCustomer(_))
+                && !matches!(
+                    e.op,
+                    Op::GetByUser(_) | Op::GetByCustomer(_) | Op::BatchGet { .. }
+                )
         })
         .copied()
         .collect();
@@ -389,14 +422,20 @@ pub async fn run_load(
                 }
                 let u = rng.random_range(0..load.users) as Key;
                 let c = rng.random_range(0..load.customers) as Key;
-                let op = match rng.random_range(0..10) {
+                let op = match rng.random_range(0..11) {
                     _ if only_reads && rng.random_bool(0.5) => Op::GetByUser(u),
                     _ if only_reads => Op::GetByCustomer(c),
                     0..=3 => Op::Link(u, c),
                     4 => Op::GetByUser(u),
                     5 => Op::GetByCustomer(c),
                     6..=7 => Op::UnlinkByUser(u),
-                    _ => Op::UnlinkByCustomer(c),
+                    8..=9 => Op::UnlinkByCustomer(c),
+                    // Every key of the load at one instant: a read that saw
+                    // half of a change shows as a state no order explains.
+                    _ => Op::BatchGet {
+                        users: load.users.min(MAX_BATCH) as Key,
+                        customers: load.customers.min(MAX_BATCH) as Key,
+                    },
                 };
                 let deadline = rng.random_range(load.deadline / 8..=load.deadline);
                 let invoked = started.elapsed().as_nanos() as u64;
@@ -512,8 +551,43 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             ))
             .await
             .map(|r| mapping(r.into_inner().mapping)),
+        Op::BatchGet { users, customers } => {
+            let keys = (0..users)
+                .map(|u| mapping_key::Key::UserId(user(u)))
+                .chain((0..customers).map(|c| mapping_key::Key::StripeCustomerId(customer(c))))
+                .map(|key| MappingKey { key: Some(key) })
+                .collect();
+            client
+                .batch_get(with_deadline(BatchGetRequest { keys }, deadline))
+                .await
+                .map(|r| batch_outcome(r.into_inner().results, users))
+        }
     };
     result.unwrap_or_else(|status| error_outcome(&status))
+}
+
+/// The results of [`Op::BatchGet`], checked to answer the keys asked.
+fn batch_outcome(results: Vec<BatchGetResult>, users: Key) -> Outcome {
+    let (mut of_users, mut of_customers) = ([NONE; MAX_BATCH], [NONE; MAX_BATCH]);
+    for (i, result) in results.into_iter().enumerate() {
+        let Some(m) = result.mapping else { continue };
+        let (u, c) = (
+            parse_user(&m.user_id),
+            parse_customer(&m.stripe_customer_id),
+        );
+        if i < users as usize {
+            assert_eq!(u as usize, i, "BatchGet answered another user's key");
+            of_users[i] = c;
+        } else {
+            let asked = i - users as usize;
+            assert_eq!(
+                c as usize, asked,
+                "BatchGet answered another customer's key"
+            );
+            of_customers[asked] = u;
+        }
+    }
+    Outcome::Batch(of_users, of_customers)
 }
 
 fn error_outcome(status: &Status) -> Outcome {
