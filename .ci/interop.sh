@@ -145,6 +145,39 @@ run_flow python "$python" examples/python/billing_flow.py
 step "Node: examples/node/billing-flow.js"
 run_flow node node examples/node/billing-flow.js
 
+# --- Reconciliation over List and BatchGet -------------------------------------
+# check_reconcile NAME OUTPUT STATUS: the same lines for every language; the
+# run id is read back from the orphan line. Each runs on a fresh server, so
+# its five mappings are all there are: three pages of two.
+check_reconcile() {
+  local name=$1 out=$2 status=$3 run line
+  if [ "$status" -eq 0 ]; then pass; else mismatch "$name: exit status $status" "$out"; fi
+  run=$(sed -nE 's/^RECONCILE orphan customer=cus_([0-9a-f]{8})Orphan$/\1/p' <<<"$out")
+  if [ -z "$run" ]; then mismatch "$name: no orphan line" "$out"; return; fi
+  for line in \
+    "RECONCILE listed mappings=5 pages=3" \
+    "RECONCILE missing-in-stripe customer=cus_${run}R0 user=user-$run-0" \
+    "RECONCILE batch-get users=user-$run-1,-" \
+    "DONE reconcile OK"; do
+    if grep -qFx -- "$line" <<<"$out"; then pass; else mismatch "$name: expected the line '$line'" "$out"; fi
+  done
+}
+
+run_reconcile() { # run_reconcile NAME COMMAND...
+  local name=$1 out status=0
+  shift
+  start_server "$name"
+  out=$(timeout 120 "$@" "$addr" 2>&1) || status=$?
+  printf '%s\n' "$out"
+  check_reconcile "$name" "$out" "$status"
+}
+
+step "Python: examples/python/reconcile.py"
+run_reconcile python-reconcile "$python" examples/python/reconcile.py
+
+step "Node: examples/node/reconcile.js"
+run_reconcile node-reconcile node examples/node/reconcile.js
+
 # --- grpcurl through reflection (no .proto files given) ------------------------
 step "grpcurl through server reflection"
 start_server grpcurl

@@ -3,13 +3,14 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, Set, sea_query::InsertStatement,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, QueryTrait, Set, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionTrait, sea_query::InsertStatement,
 };
 
 use super::{
     DatabaseHandle, Side,
-    entity::Model as MappingRow,
+    entity::{self, Entity as StripeCustomers, Model as MappingRow},
     event_entity::{ActiveModel, Column, Entity as MappingEvents, Model},
 };
 
@@ -25,9 +26,8 @@ pub struct Actor<'a> {
     pub request_id: &'a str,
 }
 
-/// The insert of one event about `mapping`. A plain statement rather than an
-/// `ActiveModel::insert` so that it can be run in the change's transaction,
-/// or later become one more step of a data-modifying CTE with the change.
+/// The insert of one event about `mapping`, for a change made in a
+/// transaction (SQLite; PostgreSQL records in the change's own statement).
 pub fn insert_event(
     kind: i16,
     mapping: &MappingRow,
@@ -57,6 +57,98 @@ pub async fn record(
 ) -> Result<(), DbErr> {
     let insert = insert_event(kind, mapping, time, actor);
     txn.execute(&insert).await.map(drop)
+}
+
+/// `insert`, a PostgreSQL `INSERT ... RETURNING *` of a mapping, made to
+/// also record the `KIND_LINKED` event of the row it returns, in the same
+/// statement (a data-modifying CTE): no row, no event.
+pub(super) fn with_linked_event(
+    insert: Statement,
+    time: DateTime<Utc>,
+    actor: Actor<'_>,
+) -> Statement {
+    let mut values = insert.values.map(|values| values.0).unwrap_or_default();
+    let n = values.len();
+    values.extend([
+        KIND_LINKED.into(),
+        time.into(),
+        actor.caller.into(),
+        actor.request_id.into(),
+    ]);
+    let sql = format!(
+        "WITH inserted AS ({}), \
+         recorded AS (INSERT INTO mapping_events \
+           (kind, user_id, stripe_customer_id, mapping_created_at, time, caller, request_id) \
+           SELECT ${}, user_id, stripe_customer_id, created_at, ${}, ${}, ${} FROM inserted) \
+         SELECT * FROM inserted",
+        insert.sql,
+        n + 1,
+        n + 2,
+        n + 3,
+        n + 4
+    );
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+/// Deletes the mapping row where `column = value` and records its
+/// `KIND_UNLINKED` event, atomically; returns the removed row.
+///
+/// On PostgreSQL this is one statement, a data-modifying CTE, so Unlink
+/// stays one round trip (and holds the row lock no longer than before the
+/// trail existed). SQLite has no DML in CTEs: there it is a `BEGIN
+/// IMMEDIATE` transaction, whose writers this process already serializes.
+pub(super) async fn delete_recording(
+    conn: &DatabaseConnection,
+    column: entity::Column,
+    value: &str,
+    time: DateTime<Utc>,
+    actor: Actor<'_>,
+) -> Result<Option<MappingRow>, DbErr> {
+    if conn.get_database_backend() == DbBackend::Postgres {
+        let key = match column {
+            entity::Column::StripeCustomerId => "stripe_customer_id",
+            _ => "user_id",
+        };
+        let sql = format!(
+            "WITH removed AS (DELETE FROM stripe_customers WHERE {key} = $1 RETURNING *), \
+             recorded AS (INSERT INTO mapping_events \
+               (kind, user_id, stripe_customer_id, mapping_created_at, time, caller, request_id) \
+               SELECT $2, user_id, stripe_customer_id, created_at, $3, $4, $5 FROM removed) \
+             SELECT * FROM removed"
+        );
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [
+                value.into(),
+                KIND_UNLINKED.into(),
+                time.into(),
+                actor.caller.into(),
+                actor.request_id.into(),
+            ],
+        );
+        return StripeCustomers::find()
+            .from_raw_sql(statement)
+            .one(conn)
+            .await;
+    }
+    let txn = conn
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..Default::default()
+        })
+        .await?;
+    let mut deleted = StripeCustomers::delete_many()
+        .filter(column.eq(value))
+        .exec_with_returning(&txn)
+        .await?;
+    // The column is unique, so there is at most one row.
+    let removed = deleted.pop();
+    if let Some(row) = &removed {
+        record(&txn, KIND_UNLINKED, row, time, actor).await?;
+    }
+    txn.commit().await?;
+    Ok(removed)
 }
 
 /// Up to `limit` events after `after` (a sequence), in sequence order;

@@ -231,14 +231,23 @@ async fn link_statements(
     actor: Actor<'_>,
 ) -> Result<LinkAttempt, DbErr> {
     let insert = insert_unless_either_key_taken(user_id, stripe_customer_id, created_at);
+    let backend = txn.get_database_backend();
+    // The event commits iff the row does: on PostgreSQL in the insert's own
+    // statement (no extra round trip), on SQLite in its transaction.
+    let event_in_insert = backend == sea_orm::DbBackend::Postgres;
+    let mut statement = backend.build(&insert);
+    if event_in_insert {
+        statement = events::with_linked_event(statement, created_at, actor);
+    }
     let inserted = StripeCustomers::find()
-        .from_raw_sql(txn.get_database_backend().build(&insert))
+        .from_raw_sql(statement)
         .one(txn)
         .await?;
     Ok(match inserted {
         Some(model) => {
-            // In the insert's transaction: the event commits iff the row does.
-            events::record(txn, events::KIND_LINKED, &model, created_at, actor).await?;
+            if !event_in_insert {
+                events::record(txn, events::KIND_LINKED, &model, created_at, actor).await?;
+            }
             LinkAttempt::Created(model)
         }
         None => LinkAttempt::Conflicts(
@@ -331,27 +340,9 @@ async fn delete_returning(
     actor: Actor<'_>,
 ) -> Result<Option<Model>, DbErr> {
     let _turn = db.write_turn().await;
-    let txn = db
-        .connection()
-        .begin_with_options(TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..Default::default()
-        })
-        .await?;
     // `DELETE ... RETURNING` is atomic: of two concurrent Unlinks of the same
     // row exactly one gets it back, the other finds nothing.
-    let mut deleted = StripeCustomers::delete_many()
-        .filter(column.eq(value))
-        .exec_with_returning(&txn)
-        .await?;
-    // The column is unique, so there is at most one row.
-    let removed = deleted.pop();
-    if let Some(row) = &removed {
-        // In the delete's transaction: the event commits iff the delete does.
-        events::record(&txn, events::KIND_UNLINKED, row, time, actor).await?;
-    }
-    txn.commit().await?;
-    Ok(removed)
+    events::delete_recording(db.connection(), column, value, time, actor).await
 }
 
 /// Cheapest round trip that proves the database answers.
