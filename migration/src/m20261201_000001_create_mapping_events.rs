@@ -25,8 +25,11 @@ impl MigrationTrait for Migration {
                     .col(string_len(MappingEvents::StripeCustomerId, 255))
                     .col(timestamp_with_time_zone(MappingEvents::MappingCreatedAt))
                     .col(timestamp_with_time_zone(MappingEvents::Time))
-                    .col(string_len(MappingEvents::Caller, 255))
-                    .col(string_len(MappingEvents::RequestId, 128))
+                    // Unbounded: a certificate's URI name can be longer than
+                    // any limit chosen here, and a change must never fail for
+                    // the length of its record.
+                    .col(text(MappingEvents::Caller))
+                    .col(text(MappingEvents::RequestId))
                     .to_owned(),
             )
             .await?;

@@ -312,6 +312,7 @@ async fn under_concurrent_changes_the_trail_replays_to_the_table(app: TestApp) {
 const WEBHOOKS_TOKEN: &str = "webhooks-5e1f0c9a7b3d";
 const ADMIN_TOKEN: &str = "admin-8c2e4a6f0b1d";
 const READER_TOKEN: &str = "reader-3b7d9f1a5c0e";
+const LONG_NAMED_TOKEN: &str = "long-9d4b2f6a8c1e";
 
 fn bearer<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
@@ -320,6 +321,10 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
         format!("Bearer {token}").parse().expect("ASCII"),
     );
     request
+}
+
+fn long_name() -> String {
+    format!("spiffe://cluster.local/ns/billing/sa/{}", "x".repeat(300))
 }
 
 /// Under a policy the events name the policy entry, and the bulk reads are
@@ -334,11 +339,14 @@ async fn under_a_policy(backend: Backend) {
             r#"{{"callers": [
                 {{"name": "billing-webhooks", "token_sha256": "{}", "allow": ["Link"]}},
                 {{"name": "support-admin", "token_sha256": "{}", "allow": ["Unlink", "ListEvents", "BatchGet", "List"]}},
-                {{"name": "reader", "token_sha256": "{}", "allow": ["Get"]}}
+                {{"name": "reader", "token_sha256": "{}", "allow": ["Get"]}},
+                {{"name": "{}", "token_sha256": "{}", "allow": ["Link"]}}
             ]}}"#,
             hash(WEBHOOKS_TOKEN),
             hash(ADMIN_TOKEN),
-            hash(READER_TOKEN)
+            hash(READER_TOKEN),
+            long_name(),
+            hash(LONG_NAMED_TOKEN)
         ),
     )
     .expect("write the policy");
@@ -369,6 +377,18 @@ async fn under_a_policy(backend: Backend) {
         .await
         .expect("Unlink");
 
+    // A caller's name has no length limit, and a change never fails for it.
+    client
+        .link(bearer(
+            LinkRequest {
+                user_id: "user-2".into(),
+                stripe_customer_id: "cus_B2".into(),
+            },
+            LONG_NAMED_TOKEN,
+        ))
+        .await
+        .expect("Link by a caller with a long name");
+
     let events = client
         .list_events(bearer(ListEventsRequest::default(), ADMIN_TOKEN))
         .await
@@ -376,7 +396,10 @@ async fn under_a_policy(backend: Backend) {
         .into_inner()
         .events;
     let callers: Vec<&str> = events.iter().map(|e| e.caller.as_str()).collect();
-    assert_eq!(callers, ["billing-webhooks", "support-admin"]);
+    assert_eq!(
+        callers,
+        ["billing-webhooks", "support-admin", long_name().as_str()]
+    );
 
     for token in [READER_TOKEN, WEBHOOKS_TOKEN] {
         let denied = [
