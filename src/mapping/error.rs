@@ -1,4 +1,7 @@
+use sea_orm::DbErr;
+
 use super::{Key, Mapping};
+use crate::store;
 
 /// A field the caller got wrong, named as in the proto.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,3 +45,15 @@ pub enum Error {
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl From<DbErr> for Error {
+    /// The store says what kind of failure it was; the domain decides what
+    /// the caller may do about it.
+    fn from(err: DbErr) -> Self {
+        if store::is_unavailable(&err) {
+            Error::Unavailable(Box::new(err))
+        } else {
+            Error::Internal(Box::new(err))
+        }
+    }
+}
