@@ -58,7 +58,16 @@ impl Guard {
         // this bounds calls from callers that set none, and tells the
         // domain when the answer is due, so that its database work is
         // bounded by it too.
-        let timeout = deadline.map_or(self.default_deadline, |d| d.min(self.default_deadline));
+        let timeout = match deadline {
+            // Answered a moment before the caller's deadline, so that the
+            // caller hears DEADLINE_EXCEEDED from us rather than tonic's
+            // CANCELLED ("Timeout expired"), whose timer started when the
+            // request arrived, a little before this.
+            Some(deadline) => deadline
+                .saturating_sub(DEADLINE_MARGIN.min(deadline / 10))
+                .min(self.default_deadline),
+            None => self.default_deadline,
+        };
         let due = tokio::time::Instant::now() + timeout;
         let result = tokio::time::timeout_at(
             due,
@@ -195,6 +204,9 @@ struct CallRecord {
     deadline: Option<Duration>,
     started: Instant,
 }
+
+/// How much earlier than the caller's deadline the server gives up itself.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// How close to its deadline a dropped call counts as having reached it.
 /// tonic starts its timer when the request arrives, a little before this

@@ -16,6 +16,7 @@ mod concurrency;
 mod database_errors;
 mod faults;
 mod linearizability;
+mod silent_database;
 
 // Operating it: health, shutdown, metrics, the binary and its CLI.
 mod background_tasks;
