@@ -441,3 +441,110 @@ async fn silence_at_start_up() {
     ));
     assert!(to_ten_ok <= RECOVERY_BOUND, "recovery took {to_ten_ok:?}");
 }
+
+/// Every call is seen: with the database silent, a Link cut off by its
+/// deadline and a Get whose caller gives up each get exactly one log line
+/// and one count in `grpc_server_handled_total` (DEADLINE_EXCEEDED and
+/// CANCELLED), and the server ended the Link within its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_logged_and_counted_while_the_database_is_silent() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let proxy = SilentProxy::start(upstream_of(&database.url).await).await;
+    let url = proxy.through(&database.url);
+    let server = helpers::process::ServerProcess::start(&[
+        ("DATABASE_URL", url.as_str()),
+        ("DATABASE_MAX_CONNECTIONS", "4"),
+        ("METRICS_ADDR", "127.0.0.1:0"),
+        // One probe at start, none during the test: the calls below meet
+        // the silence on the connections the pool holds, not a pool the
+        // probe already emptied.
+        ("HEALTH_PROBE_INTERVAL", "1h"),
+    ]);
+    let metrics: SocketAddr = server
+        .wait_for_event(|e| e["message"] == "serving customermapping.v1.CustomerMapping")["metrics"]
+        .as_str()
+        .and_then(|addr| addr.parse().ok())
+        .expect("the serving line names the metrics address");
+    helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+    let mut client = helpers::connect(server.addr).await;
+    proxy.silence();
+
+    // Cut off by its deadline.
+    let deadline = Duration::from_secs(1);
+    let mut request = tonic::Request::new(customer_mapping::proto::LinkRequest {
+        user_id: "user-1".into(),
+        stripe_customer_id: "cus_1".into(),
+    });
+    request.set_timeout(deadline);
+    request
+        .metadata_mut()
+        .insert("x-request-id", "silent-deadline".parse().expect("ascii"));
+    let status = client
+        .link(request)
+        .await
+        .expect_err("the database is silent");
+    assert!(cut_off(status.code()), "{status:?}");
+
+    // Given up by its caller once its database work has begun.
+    let before = proxy.swallowed_from_clients();
+    let mut request = tonic::Request::new(customer_mapping::proto::GetRequest {
+        key: Some(get_request::Key::UserId("user-2".into())),
+    });
+    request.set_timeout(Duration::from_secs(30));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "silent-cancel".parse().expect("ascii"));
+    let mut cancelled_client = helpers::connect(server.addr).await;
+    let call = tokio::spawn(async move { cancelled_client.get(request).await });
+    let waiting = Instant::now();
+    while proxy.swallowed_from_clients() == before {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the Get never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+
+    let lines_for = |id: &str| {
+        server
+            .events()
+            .into_iter()
+            .filter(|e| e["message"] == "rpc" && e["request_id"] == id)
+            .collect::<Vec<_>>()
+    };
+    server.wait_for_event(|e| e["message"] == "rpc" && e["request_id"] == "silent-cancel");
+    server.wait_for_event(|e| e["message"] == "rpc" && e["request_id"] == "silent-deadline");
+    let link = lines_for("silent-deadline");
+    assert_eq!(link.len(), 1, "one line for the Link: {link:?}");
+    assert_eq!(link[0]["method"], "Link");
+    assert_eq!(link[0]["code"], "DeadlineExceeded");
+    let latency = link[0]["latency_ms"].as_f64().expect("a latency");
+    assert!(
+        latency <= (deadline + SCHEDULING_SLACK).as_secs_f64() * 1000.0,
+        "the server answered the Link after {latency} ms, past its deadline"
+    );
+    let get = lines_for("silent-cancel");
+    assert_eq!(get.len(), 1, "one line for the Get: {get:?}");
+    assert_eq!(get[0]["method"], "Get");
+    assert_eq!(get[0]["code"], "Canceled");
+
+    let (_, body) = crate::metrics::http_get(metrics, "/metrics").await;
+    let handled = |method: &str, code: &str| {
+        crate::metrics::sample(
+            &body,
+            "grpc_server_handled_total",
+            &[
+                &format!("grpc_method=\"{method}\""),
+                &format!("grpc_code=\"{code}\""),
+            ],
+        )
+    };
+    assert_eq!(handled("Link", "DeadlineExceeded"), Some(1.0), "{body}");
+    assert_eq!(handled("Get", "Canceled"), Some(1.0), "{body}");
+    helpers::report(&format!(
+        "every call seen, database silent: Link cut off by its {deadline:?} deadline logged and \
+         counted once as DeadlineExceeded ({latency:.0} ms), a Get given up by its caller once as \
+         Canceled"
+    ));
+}

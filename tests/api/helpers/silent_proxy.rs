@@ -7,7 +7,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use tokio::{
@@ -34,6 +37,7 @@ struct State {
 pub struct SilentProxy {
     addr: SocketAddr,
     state: watch::Sender<State>,
+    swallowed: Arc<AtomicU64>,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
     accept_loop: AbortHandle,
 }
@@ -51,12 +55,14 @@ impl SilentProxy {
             trigger_delivers: false,
         });
         let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let swallowed = Arc::new(AtomicU64::new(0));
         let accept_loop = tokio::spawn({
             let state = state.clone();
             let tasks = tasks.clone();
+            let swallowed = swallowed.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let task = tokio::spawn(serve(client, state.clone()));
+                    let task = tokio::spawn(serve(client, state.clone(), swallowed.clone()));
                     tasks
                         .lock()
                         .expect("proxy task list")
@@ -68,9 +74,16 @@ impl SilentProxy {
         Self {
             addr,
             state,
+            swallowed,
             tasks,
             accept_loop,
         }
+    }
+
+    /// Bytes from clients swallowed so far: a call's database work has
+    /// begun once this grows.
+    pub fn swallowed_from_clients(&self) -> u64 {
+        self.swallowed.load(Ordering::Relaxed)
     }
 
     /// From now on nothing is answered: every open connection swallows what
@@ -117,11 +130,11 @@ impl Drop for SilentProxy {
 }
 
 /// One client connection: forwarded while its epoch lasts, swallowed after.
-async fn serve(client: TcpStream, state: watch::Sender<State>) {
+async fn serve(client: TcpStream, state: watch::Sender<State>, swallowed: Arc<AtomicU64>) {
     let accepted = *state.borrow();
     let epoch = accepted.silences;
     if accepted.silent {
-        swallow(client).await;
+        swallow(client, swallowed).await;
         return;
     }
     let Ok(server) = TcpStream::connect(accepted.upstream).await else {
@@ -130,8 +143,14 @@ async fn serve(client: TcpStream, state: watch::Sender<State>) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let mut pumps = JoinSet::new();
-    pumps.spawn(pump(client_read, server_write, state.clone(), epoch, true));
-    pumps.spawn(pump(server_read, client_write, state, epoch, false));
+    pumps.spawn(pump(
+        client_read,
+        server_write,
+        state.clone(),
+        epoch,
+        Some(swallowed),
+    ));
+    pumps.spawn(pump(server_read, client_write, state, epoch, None));
     // Both directions keep reading (and discarding, once silent) until
     // either side closes; aborting this task (proxy dropped) aborts both.
     while pumps.join_next().await.is_some() {}
@@ -139,14 +158,16 @@ async fn serve(client: TcpStream, state: watch::Sender<State>) {
 
 /// Copies one direction until either side closes; once a silence begins
 /// after `epoch`, reads and discards forever, keeping both sockets open.
-/// `from_client` says whether this direction may fire the trigger.
+/// The client-to-server direction carries the count of swallowed bytes,
+/// and only it may fire the trigger.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     state: watch::Sender<State>,
     epoch: u64,
-    from_client: bool,
+    swallowed: Option<Arc<AtomicU64>>,
 ) {
+    let from_client = swallowed.is_some();
     let mut buffer = vec![0u8; 16 * 1024];
     let mut silenced = false;
     loop {
@@ -161,6 +182,9 @@ async fn pump(
         };
         silenced = silenced || state.borrow().silences > epoch;
         if silenced {
+            if let Some(swallowed) = &swallowed {
+                swallowed.fetch_add(n as u64, Ordering::Relaxed);
+            }
             continue;
         }
         let chunk = &buffer[..n];
@@ -190,12 +214,14 @@ async fn pump(
 }
 
 /// Reads and discards until the proxy is dropped.
-async fn swallow(mut client: TcpStream) {
+async fn swallow(mut client: TcpStream, swallowed: Arc<AtomicU64>) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         match client.read(&mut buffer).await {
             Ok(0) | Err(_) => std::future::pending::<()>().await,
-            Ok(_) => {}
+            Ok(n) => {
+                swallowed.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
     }
 }
