@@ -14,6 +14,7 @@ mod validation;
 // Concurrency and faults: histories the linearizability checker accepts.
 mod concurrency;
 mod database_errors;
+mod failover;
 mod faults;
 mod linearizability;
 mod silent_database;

@@ -109,6 +109,11 @@ impl SilentProxy {
         self.state.send_modify(|s| s.silent = false);
     }
 
+    /// Where new connections go from now on (a promoted standby).
+    pub fn retarget(&self, upstream: SocketAddr) {
+        self.state.send_modify(|s| s.upstream = upstream);
+    }
+
     /// `url` with its host and port replaced by the proxy's.
     pub fn through(&self, url: &str) -> String {
         let mut url = url::Url::parse(url).expect("a database URL");
