@@ -291,3 +291,42 @@ fn request_id<T>(request: &Request<T>) -> String {
         })
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(value: &str) -> Request<()> {
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", value.parse().expect("ascii"));
+        request
+    }
+
+    #[test]
+    fn caller_deadline_reads_every_grpc_timeout_unit() {
+        for (value, expected) in [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("4S", Duration::from_secs(4)),
+            ("1500m", Duration::from_millis(1500)),
+            ("250u", Duration::from_micros(250)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            assert_eq!(
+                caller_deadline(&with_timeout(value)),
+                Some(expected),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn caller_deadline_ignores_what_the_spec_does_not_allow() {
+        for value in ["", "5", "m", "5x", "123456789S", "-5S", "1.5S"] {
+            assert_eq!(caller_deadline(&with_timeout(value)), None, "{value:?}");
+        }
+        assert_eq!(caller_deadline(&Request::new(())), None);
+    }
+}

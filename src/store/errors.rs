@@ -147,3 +147,32 @@ fn pg_code_is_unavailable(code: &str) -> bool {
 fn sqlite_code_is_busy(code: &str) -> bool {
     code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stores_own_errors_are_unavailable_and_say_their_kind() {
+        let timeout = timed_out("a database query");
+        assert!(is_timeout(&timeout) && is_unavailable(&timeout));
+        assert!(!is_connection_lost(&timeout), "a timeout is not a retry");
+        assert_eq!(failure_kind(&timeout), "no answer in time");
+
+        let standby = standby();
+        assert!(is_unavailable(&standby) && !is_timeout(&standby));
+        assert_eq!(failure_kind(&standby), "reached a standby");
+
+        let acquire = DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        assert!(is_timeout(&acquire) && is_unavailable(&acquire));
+    }
+
+    #[test]
+    fn a_read_only_transaction_is_unavailable() {
+        assert!(pg_code_is_unavailable("25006"));
+        assert!(
+            !pg_code_is_unavailable("23505"),
+            "a unique violation is a bug"
+        );
+    }
+}

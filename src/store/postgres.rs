@@ -254,9 +254,13 @@ impl Inner {
     /// learns at once (when the path works) that the session is gone.
     fn discard(&self, conn: PgConnection) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await;
-        });
+        // Outside a runtime (a checkout dropped as the process exits) the
+        // connection is simply dropped, which closes its socket.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await;
+            });
+        }
     }
 }
 
