@@ -460,7 +460,7 @@ async fn every_call_is_logged_and_counted_while_the_database_is_silent() {
         // One probe at start, none during the test: the calls below meet
         // the silence on the connections the pool holds, not a pool the
         // probe already emptied.
-        ("HEALTH_PROBE_INTERVAL", "1h"),
+        ("HEALTH_PROBE_INTERVAL", "10m"),
     ]);
     let metrics: SocketAddr = server
         .wait_for_event(|e| e["message"] == "serving customermapping.v1.CustomerMapping")["metrics"]
