@@ -8,8 +8,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
-use sea_orm::DatabaseConnection;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -88,6 +86,11 @@ pub struct ProbeSettings {
 
 /// Brings the database up, publishes it in `store`, then keeps `health` in
 /// step with it until `stop` is cancelled.
+///
+/// Errors that time can fix keep being retried every interval with
+/// NOT_SERVING, but are logged once per change (the first failure, then
+/// each change of kind), not once per probe: a long outage must not bury
+/// the log.
 pub async fn supervise_database(
     database: DatabaseSettings,
     probe: ProbeSettings,
@@ -98,6 +101,7 @@ pub async fn supervise_database(
     let mut ticks = tokio::time::interval(probe.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving = false;
+    let mut last_failure: Option<&'static str> = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -109,29 +113,46 @@ pub async fn supervise_database(
                     Ok(db) => {
                         store.set(db);
                         tracing::info!(database = %database.redacted_url(), "database connected");
-                        true
+                        Ok(())
                     }
-                    Err(err) => {
-                        tracing::warn!(
-                            error = format!("{err:#}"),
-                            retry_in = ?probe.interval,
-                            "database not ready"
-                        );
-                        false
-                    }
+                    Err(err) => Err(err),
                 },
-                Some(db) => ping(db.connection(), probe.timeout).await,
+                Some(db) => db.ping(probe.timeout).await.map_err(|err| {
+                    // Connections opened before may sit on the path that
+                    // stopped answering: open fresh ones from now on.
+                    db.forget_connections();
+                    BringUpError::from(err)
+                }),
             }
         };
         // A connection attempt can take the whole connect timeout: shutdown
         // must not wait for it.
-        let answered = tokio::select! {
-            answered = check => answered,
+        let checked = tokio::select! {
+            checked = check => checked,
             () = stop.cancelled() => return,
         };
         if let Some(db) = store.get() {
-            metrics::record_pool(store::pool_stats(db.connection()));
+            metrics::record_pool(db.stats());
         }
+        let answered = match checked {
+            Ok(()) => {
+                last_failure = None;
+                true
+            }
+            Err(err) => {
+                if last_failure != Some(err.kind) {
+                    last_failure = Some(err.kind);
+                    tracing::warn!(
+                        error = %err,
+                        kind = err.kind,
+                        retry_in = ?probe.interval,
+                        "database not answering; retrying every interval (logged again when \
+                         the kind of failure changes)"
+                    );
+                }
+                false
+            }
+        };
         // Publish changes only: every publication wakes every Watch stream.
         if answered != serving {
             if answered {
@@ -145,32 +166,43 @@ pub async fn supervise_database(
     }
 }
 
-/// Connects and, when configured, migrates.
-pub async fn bring_up(database: &DatabaseSettings) -> anyhow::Result<DatabaseConnection> {
-    let db = store::connect(
-        database.database_url.expose_secret(),
-        &database.pool_options(),
-    )
-    .await
-    .with_context(|| format!("connecting to {}", database.redacted_url()))?;
-    if database.migrate_on_start {
-        store::migrate(&db)
-            .await
-            .context("applying database migrations")?;
-    }
-    Ok(db)
+/// Why the database could not be brought up or did not answer a probe.
+#[derive(Debug)]
+pub struct BringUpError {
+    kind: &'static str,
+    error: anyhow::Error,
 }
 
-async fn ping(db: &DatabaseConnection, timeout: Duration) -> bool {
-    match tokio::time::timeout(timeout, store::ping(db)).await {
-        Ok(Ok(())) => true,
-        Ok(Err(err)) => {
-            tracing::debug!(error = %err, "database ping failed");
-            false
-        }
-        Err(_) => {
-            tracing::debug!(?timeout, "database ping timed out");
-            false
+impl std::fmt::Display for BringUpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for BringUpError {}
+
+impl From<sea_orm::DbErr> for BringUpError {
+    fn from(err: sea_orm::DbErr) -> Self {
+        Self {
+            kind: store::failure_kind(&err),
+            error: err.into(),
         }
     }
+}
+
+/// Connects and, when configured, migrates; each step bounded by the store.
+pub async fn bring_up(database: &DatabaseSettings) -> Result<store::Database, BringUpError> {
+    store::Database::open(
+        database.database_url.expose_secret(),
+        &database.pool_options(),
+        database.migrate_on_start,
+    )
+    .await
+    .map_err(|err| {
+        let mut err = BringUpError::from(err);
+        err.error = err
+            .error
+            .context(format!("bringing up {}", database.redacted_url()));
+        err
+    })
 }

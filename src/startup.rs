@@ -317,9 +317,8 @@ impl Application {
             // busy in the database; don't let them hold the exit hostage.
             // Dropping them ends their sessions, which rolls their
             // transactions back.
-            match tokio::time::timeout(POOL_CLOSE_TIMEOUT, db.connection().close_by_ref()).await {
-                Ok(closed) => closed.context("closing the database pool")?,
-                Err(_) => tracing::warn!("database pool did not close in time; dropping it"),
+            if let Err(err) = db.close(POOL_CLOSE_TIMEOUT).await {
+                tracing::warn!(error = %err, "database pool did not close cleanly; dropping it");
             }
         }
         match failed {
@@ -450,7 +449,9 @@ pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
         ..settings.clone()
     };
     let db = health::bring_up(&settings).await?;
-    db.close().await.context("closing the database pool")?;
+    db.close(POOL_CLOSE_TIMEOUT)
+        .await
+        .context("closing the database pool")?;
     Ok(())
 }
 

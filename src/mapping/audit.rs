@@ -41,13 +41,13 @@ impl Mappings {
         after: Option<i64>,
         page_size: u64,
     ) -> Result<EventsPage, Error> {
-        let db = self.db()?.clone();
+        let (db, until) = (self.db()?.clone(), super::work_until());
         run_to_completion(async move {
             let side = key.as_ref().map(|key| match key {
                 Key::User(id) => Side::User(id.as_str()),
                 Key::Customer(id) => Side::Customer(id.as_str()),
             });
-            let mut rows = store::events::page(&db, side, after, page_size + 1).await?;
+            let mut rows = store::events::page(&db, side, after, page_size + 1, until).await?;
             let more = rows.len() as u64 > page_size;
             rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
             let next = rows.last().filter(|_| more).map(|last| last.sequence);

@@ -10,7 +10,7 @@ impl Mappings {
     /// The mapping holding each of `keys` (`None` where none does), in the
     /// order asked, all as they were at one instant.
     pub async fn batch_get(&self, keys: Vec<Key>) -> Result<Vec<Option<Mapping>>, Error> {
-        let db = self.db()?.clone();
+        let (db, until) = (self.db()?.clone(), super::work_until());
         run_to_completion(async move {
             let (mut users, mut customers) = (Vec::new(), Vec::new());
             for key in &keys {
@@ -23,7 +23,7 @@ impl Mappings {
                 ids.sort_unstable();
                 ids.dedup();
             }
-            let rows = store::find_by_keys(&db, &users, &customers).await?;
+            let rows = store::find_by_keys(&db, &users, &customers, until).await?;
             let mut by_user = HashMap::with_capacity(rows.len());
             let mut by_customer = HashMap::with_capacity(rows.len());
             for row in rows {

@@ -21,10 +21,10 @@ pub struct ListPage {
 impl Mappings {
     /// Up to `page_size` mappings after `after`, oldest first.
     pub async fn list(&self, after: Option<ListCursor>, page_size: u64) -> Result<ListPage, Error> {
-        let db = self.db()?.clone();
+        let (db, until) = (self.db()?.clone(), super::work_until());
         run_to_completion(async move {
             // One row more than asked tells whether another page follows.
-            let mut rows = store::list::page(&db, after, page_size + 1).await?;
+            let mut rows = store::list::page(&db, after, page_size + 1, until).await?;
             let more = rows.len() as u64 > page_size;
             rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
             let next = match rows.last() {

@@ -9,7 +9,10 @@ mod error;
 mod ids;
 mod list;
 
+use std::time::Duration;
+
 use chrono::{DateTime, SubsecRound, Utc};
+use tokio::time::Instant;
 
 pub use actor::Actor;
 pub use audit::{Event, EventKind, EventsPage};
@@ -18,7 +21,38 @@ pub use error::{BoxError, Error, FieldViolation};
 pub use ids::{InvalidId, MAX_ID_CHARS, StripeCustomerId, UserId};
 pub use list::{DEFAULT_PAGE_SIZE, ListCursor, ListPage, MAX_PAGE_SIZE};
 
-use crate::store::{self, DatabaseHandle, LinkAttempt, Store, entity::Model};
+use crate::store::{self, Database, LinkAttempt, Store, entity::Model};
+
+/// How long database work may go on after its caller's deadline. Work in
+/// flight when the caller leaves (a COMMIT on its way, say) usually ends
+/// within a round trip; letting it finish keeps its connection reusable
+/// instead of closing it, which under short deadlines would churn
+/// connections. Short, because on a silent database this is how long a
+/// pool slot stays taken after the caller gave up.
+const COMPLETION_GRACE: Duration = Duration::from_millis(500);
+
+/// The bound for work with no call deadline in scope: the server's default
+/// deadline (`DEFAULT_DEADLINE`) is 10 s.
+const NO_DEADLINE_BOUND: Duration = Duration::from_secs(10);
+
+tokio::task_local! {
+    /// The instant by which the current call must be answered.
+    static CALL_DEADLINE: Instant;
+}
+
+/// Runs `call` knowing that it must be answered by `deadline`: its database
+/// work is bounded by it (plus [`COMPLETION_GRACE`]).
+pub async fn with_deadline<F: Future>(deadline: Instant, call: F) -> F::Output {
+    CALL_DEADLINE.scope(deadline, call).await
+}
+
+/// When the database work of the current call must be done by.
+fn work_until() -> Instant {
+    let deadline = CALL_DEADLINE
+        .try_with(|deadline| *deadline)
+        .unwrap_or_else(|_| Instant::now() + NO_DEADLINE_BOUND);
+    deadline + COMPLETION_GRACE
+}
 
 /// How many times Link starts over when the rows it conflicted with were
 /// unlinked (or the database aborted it) before it could read them. Each
@@ -62,7 +96,7 @@ impl Mappings {
 
     /// The pool, or UNAVAILABLE while the service is still waiting for its
     /// database at start-up.
-    fn db(&self) -> Result<&DatabaseHandle, Error> {
+    fn db(&self) -> Result<&Database, Error> {
         self.store
             .get()
             .ok_or_else(|| Error::Unavailable("the database is not connected yet".into()))
@@ -77,17 +111,22 @@ impl Mappings {
         stripe_customer_id: StripeCustomerId,
         actor: Actor,
     ) -> Result<Linked, Error> {
-        let db = self.db()?.clone();
-        run_to_completion(async move { link(&db, user_id, stripe_customer_id, &actor).await }).await
+        let (db, until) = (self.db()?.clone(), work_until());
+        run_to_completion(
+            async move { link(&db, user_id, stripe_customer_id, &actor, until).await },
+        )
+        .await
     }
 
     /// The mapping holding `key`.
     pub async fn get(&self, key: &Key) -> Result<Mapping, Error> {
-        let (db, key) = (self.db()?.clone(), key.clone());
+        let (db, key, until) = (self.db()?.clone(), key.clone(), work_until());
         run_to_completion(async move {
             let row = match &key {
-                Key::User(id) => store::find_by_user_id(&db, id.as_str()).await?,
-                Key::Customer(id) => store::find_by_stripe_customer_id(&db, id.as_str()).await?,
+                Key::User(id) => store::find_by_user_id(&db, id.as_str(), until).await?,
+                Key::Customer(id) => {
+                    store::find_by_stripe_customer_id(&db, id.as_str(), until).await?
+                }
             };
             row.ok_or(Error::NotFound(key))?.try_into()
         })
@@ -97,14 +136,14 @@ impl Mappings {
     /// Removes the mapping holding `key` and returns it, recording an
     /// `Unlinked` event by `actor`.
     pub async fn unlink(&self, key: &Key, actor: Actor) -> Result<Mapping, Error> {
-        let (db, key) = (self.db()?.clone(), key.clone());
+        let (db, key, until) = (self.db()?.clone(), key.clone(), work_until());
         run_to_completion(async move {
             let now = Utc::now().trunc_subsecs(6);
             let by = actor.as_store();
             let row = match &key {
-                Key::User(id) => store::delete_by_user_id(&db, id.as_str(), now, by).await?,
+                Key::User(id) => store::delete_by_user_id(&db, id.as_str(), now, by, until).await?,
                 Key::Customer(id) => {
-                    store::delete_by_stripe_customer_id(&db, id.as_str(), now, by).await?
+                    store::delete_by_stripe_customer_id(&db, id.as_str(), now, by, until).await?
                 }
             };
             row.ok_or(Error::NotFound(key))?.try_into()
@@ -118,8 +157,11 @@ impl Mappings {
 /// RPC's future. Dropping database futures half-way leaves connections with
 /// half-read replies and transactions whose fate depends on cleanup code in
 /// the driver; under a slow database with short deadlines that showed up as
-/// an acknowledged Unlink whose row came back (`tests/api/faults.rs`). Finishing
-/// the work costs at most one statement's time after the caller left.
+/// an acknowledged Unlink whose row came back (`tests/api/faults.rs`). The
+/// work
+/// is bounded all the same (see [`work_until`]): every database step it
+/// takes ends by the call's deadline plus [`COMPLETION_GRACE`], and a
+/// connection cut off by that bound is closed, never reused.
 async fn run_to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {
@@ -129,10 +171,11 @@ async fn run_to_completion<T: Send + 'static>(
 }
 
 async fn link(
-    db: &DatabaseHandle,
+    db: &Database,
     user_id: UserId,
     stripe_customer_id: StripeCustomerId,
     actor: &Actor,
+    until: Instant,
 ) -> Result<Linked, Error> {
     // PostgreSQL keeps microseconds; truncating here makes the reply of
     // the creating call equal to every later read.
@@ -144,6 +187,7 @@ async fn link(
             stripe_customer_id.as_str(),
             now,
             actor.as_store(),
+            until,
         )
         .await?
         {

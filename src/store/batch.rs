@@ -2,8 +2,10 @@
 
 use sea_orm::{ColumnTrait, Condition, DbErr, EntityTrait, QueryFilter};
 
+use tokio::time::Instant;
+
 use super::{
-    DatabaseHandle,
+    Database,
     entity::{Column, Entity as StripeCustomers, Model},
 };
 
@@ -17,9 +19,10 @@ pub enum Side<'a> {
 /// The rows holding any of `users` or `customers`. One statement, so one
 /// snapshot on both databases: every row is as it was at the same instant.
 pub async fn find_by_keys(
-    db: &DatabaseHandle,
+    db: &Database,
     users: &[&str],
     customers: &[&str],
+    until: Instant,
 ) -> Result<Vec<Model>, DbErr> {
     let mut any = Condition::any();
     if !users.is_empty() {
@@ -28,8 +31,5 @@ pub async fn find_by_keys(
     if !customers.is_empty() {
         any = any.add(Column::StripeCustomerId.is_in(customers.iter().copied()));
     }
-    StripeCustomers::find()
-        .filter(any)
-        .all(db.connection())
-        .await
+    db.all(StripeCustomers::find().filter(any), until).await
 }

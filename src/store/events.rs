@@ -3,15 +3,17 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, Set, SqliteTransactionMode, Statement, TransactionOptions,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Set, SqliteTransactionMode, Statement, TransactionOptions,
     TransactionTrait, sea_query::InsertStatement,
 };
+use tokio::time::Instant;
 
 use super::{
-    DatabaseHandle, Side,
+    Backend, Database, Side,
     entity::{self, Entity as StripeCustomers, Model as MappingRow},
     event_entity::{ActiveModel, Column, Entity as MappingEvents, Model},
+    model,
 };
 
 /// A Link created the mapping (the proto's `KIND_LINKED`).
@@ -98,41 +100,47 @@ pub(super) fn with_linked_event(
 /// trail existed). SQLite has no DML in CTEs: there it is a `BEGIN
 /// IMMEDIATE` transaction, whose writers this process already serializes.
 pub(super) async fn delete_recording(
-    conn: &DatabaseConnection,
+    db: &Database,
     column: entity::Column,
     value: &str,
     time: DateTime<Utc>,
     actor: Actor<'_>,
+    until: Instant,
 ) -> Result<Option<MappingRow>, DbErr> {
-    if conn.get_database_backend() == DbBackend::Postgres {
-        let key = match column {
-            entity::Column::StripeCustomerId => "stripe_customer_id",
-            _ => "user_id",
-        };
-        let sql = format!(
-            "WITH removed AS (DELETE FROM stripe_customers WHERE {key} = $1 RETURNING *), \
+    let sqlite = match &db.0 {
+        Backend::Sqlite(sqlite) => sqlite,
+        Backend::Postgres(pool) => {
+            let key = match column {
+                entity::Column::StripeCustomerId => "stripe_customer_id",
+                _ => "user_id",
+            };
+            let sql = format!(
+                "WITH removed AS (DELETE FROM stripe_customers WHERE {key} = $1 RETURNING *), \
              recorded AS (INSERT INTO mapping_events \
                (kind, user_id, stripe_customer_id, mapping_created_at, time, caller, request_id) \
                SELECT $2, user_id, stripe_customer_id, created_at, $3, $4, $5 FROM removed) \
              SELECT * FROM removed"
-        );
-        let statement = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            [
-                value.into(),
-                KIND_UNLINKED.into(),
-                time.into(),
-                actor.caller.into(),
-                actor.request_id.into(),
-            ],
-        );
-        return StripeCustomers::find()
-            .from_raw_sql(statement)
-            .one(conn)
-            .await;
-    }
-    let txn = conn
+            );
+            let statement = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                [
+                    value.into(),
+                    KIND_UNLINKED.into(),
+                    time.into(),
+                    actor.caller.into(),
+                    actor.request_id.into(),
+                ],
+            );
+            let mut conn = pool.acquire(until).await?;
+            let removed = conn.fetch_optional(&statement, until).await?;
+            conn.release();
+            return removed.map(model).transpose();
+        }
+    };
+    let _turn = sqlite.writers.lock().await;
+    let txn = sqlite
+        .conn
         .begin_with_options(TransactionOptions {
             sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
             ..Default::default()
@@ -154,12 +162,13 @@ pub(super) async fn delete_recording(
 /// Up to `limit` events after `after` (a sequence), in sequence order;
 /// only those about `side` when given.
 pub async fn page(
-    db: &DatabaseHandle,
+    db: &Database,
     side: Option<Side<'_>>,
     after: Option<i64>,
     limit: u64,
+    until: Instant,
 ) -> Result<Vec<Model>, DbErr> {
-    MappingEvents::find()
+    let select = MappingEvents::find()
         .apply_if(side, |query, side| match side {
             Side::User(id) => query.filter(Column::UserId.eq(id)),
             Side::Customer(id) => query.filter(Column::StripeCustomerId.eq(id)),
@@ -168,7 +177,6 @@ pub async fn page(
             query.filter(Column::Sequence.gt(after))
         })
         .order_by_asc(Column::Sequence)
-        .limit(limit)
-        .all(db.connection())
-        .await
+        .limit(limit);
+    db.all(select, until).await
 }

@@ -6,8 +6,10 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait},
 };
 
+use tokio::time::Instant;
+
 use super::{
-    DatabaseHandle,
+    Database,
     entity::{Column, Entity as StripeCustomers, Model},
 };
 
@@ -22,11 +24,12 @@ pub struct After {
 /// total and a row's place in it never changes, so a row present for a
 /// whole traversal is on exactly one page whatever else changes.
 pub async fn page(
-    db: &DatabaseHandle,
+    db: &Database,
     after: Option<After>,
     limit: u64,
+    until: Instant,
 ) -> Result<Vec<Model>, DbErr> {
-    StripeCustomers::find()
+    let select = StripeCustomers::find()
         .apply_if(after, |query, after| {
             // A row value comparison: PostgreSQL walks the (created_at, id)
             // index straight from the cursor.
@@ -38,7 +41,6 @@ pub async fn page(
         })
         .order_by_asc(Column::CreatedAt)
         .order_by_asc(Column::Id)
-        .limit(limit)
-        .all(db.connection())
-        .await
+        .limit(limit);
+    db.all(select, until).await
 }

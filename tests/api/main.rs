@@ -20,8 +20,10 @@ mod adoption;
 // Concurrency and faults: histories the linearizability checker accepts.
 mod concurrency;
 mod database_errors;
+mod failover;
 mod faults;
 mod linearizability;
+mod silent_database;
 
 // Operating it: health, shutdown, metrics, the binary and its CLI.
 mod background_tasks;

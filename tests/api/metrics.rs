@@ -10,7 +10,7 @@ use helpers::{Backend, TestDatabase, process::ServerProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send");
@@ -21,7 +21,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 }
 
 /// The value of the sample of `name` whose labels include all of `labels`.
-fn sample(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
+pub(crate) fn sample(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))

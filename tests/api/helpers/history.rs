@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// See [`run_load`].
+/// See [`run_load`]; the default of [`Load::pause_after_unknown`].
 const PAUSE_AFTER_UNKNOWN: Duration = Duration::from_millis(100);
 
 /// A bound on the search, so that a history too indeterminate to check
@@ -348,6 +348,9 @@ pub struct Load {
     /// of this and this. A call past it counts as unknown.
     pub deadline: Duration,
     pub seed: u64,
+    /// How long a client waits after an unknown outcome. Longer outages
+    /// need longer pauses to keep the checker's search small.
+    pub pause_after_unknown: Duration,
 }
 
 impl Load {
@@ -359,6 +362,7 @@ impl Load {
             customers: 3,
             deadline: Duration::from_secs(5),
             seed,
+            pause_after_unknown: PAUSE_AFTER_UNKNOWN,
         }
     }
 }
@@ -442,7 +446,7 @@ pub async fn run_load(
                 let outcome = call(&mut client, op, deadline).await;
                 only_reads = outcome == Outcome::Unknown;
                 let completed = if outcome == Outcome::Unknown {
-                    tokio::time::sleep(PAUSE_AFTER_UNKNOWN).await;
+                    tokio::time::sleep(load.pause_after_unknown).await;
                     u64::MAX
                 } else {
                     if let Some(control) = &control {

@@ -9,6 +9,7 @@ pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
 pub mod raw;
+pub mod silent_proxy;
 pub mod tls;
 pub mod tools;
 
