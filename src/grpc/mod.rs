@@ -5,11 +5,15 @@
 //! - `request`: request messages to validated domain arguments;
 //!   `bulk_request` for BatchGet, List and ListEvents, with `page_token`.
 //! - `convert`: domain values to proto messages.
-//! - `observe`: what wraps every call (guard, request id, log line, metrics).
+//! - `decode`: a request's bytes through decoding and validation, for the fuzzer.
+//! - `guard`: authorization, load shedding and the deadline, before a handler runs.
+//! - `observe`: what wraps every call (request id, log line, metrics), around the guard.
 
 mod bulk_request;
 pub mod codec;
 mod convert;
+mod decode;
+mod guard;
 pub mod limits;
 mod observe;
 mod page_token;
@@ -17,9 +21,10 @@ mod request;
 mod service;
 pub mod status;
 
-pub use observe::{Guard, REQUEST_ID, reflection_interceptor};
+pub use decode::decode_and_validate;
+pub use guard::{Guard, reflection_interceptor};
+pub use observe::REQUEST_ID;
 pub use proto::customer_mapping_server::CustomerMappingServer;
-pub use request::decode_and_validate;
 pub use service::CustomerMappingService;
 
 use crate::proto;

@@ -1,11 +1,6 @@
 //! Request messages to validated domain arguments: every bad field is
 //! reported at once, named as in the proto.
 
-use tonic::Status;
-
-use super::bulk_request::{batch_get_keys, list_arguments, list_events_arguments};
-use super::codec;
-use crate::auth::Rpc;
 use crate::mapping::{Error, FieldViolation, InvalidId, Key, StripeCustomerId, UserId};
 use crate::proto::{self, GetRequest, LinkRequest, UnlinkRequest};
 
@@ -41,22 +36,6 @@ pub(super) fn unlink_key(request: UnlinkRequest) -> Result<Key, Error> {
         None => Err(missing_key()),
     }
     .map_err(|v| Error::InvalidArgument(vec![v]))
-}
-
-/// Everything the server does with a request's bytes before the database:
-/// decode as the method's message, then validate. For the fuzz harness
-/// (`fuzz/`, and `tests/api/hostile_input.rs`), which checks that no input panics it and that
-/// every refusal is INVALID_ARGUMENT.
-pub fn decode_and_validate(method: Rpc, bytes: &[u8]) -> Result<(), Status> {
-    match method {
-        Rpc::Link => link_arguments(codec::decode_request(bytes)?).map(drop),
-        Rpc::Get => get_key(codec::decode_request(bytes)?).map(drop),
-        Rpc::Unlink => unlink_key(codec::decode_request(bytes)?).map(drop),
-        Rpc::BatchGet => batch_get_keys(&codec::decode_request(bytes)?).map(drop),
-        Rpc::List => list_arguments(&codec::decode_request(bytes)?).map(drop),
-        Rpc::ListEvents => list_events_arguments(&codec::decode_request(bytes)?).map(drop),
-    }
-    .map_err(Status::from)
 }
 
 fn parse<T>(field: &'static str, parsed: Result<T, InvalidId>) -> Result<T, FieldViolation> {

@@ -7,7 +7,8 @@ use super::{
     bulk_request::{
         batch_get_keys, events_token, list_arguments, list_events_arguments, list_token,
     },
-    observe::{Guard, observe},
+    guard::Guard,
+    observe::observe,
     request::{get_key, link_arguments, unlink_key},
 };
 use crate::auth::Rpc;
