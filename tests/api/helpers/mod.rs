@@ -2,6 +2,7 @@
 //! client, and a fresh database per test (a temporary SQLite file, or a new
 //! PostgreSQL database that is dropped when the test ends).
 
+pub mod cut_proxy;
 pub mod history;
 pub mod pg;
 pub mod pg_cluster;
