@@ -95,7 +95,7 @@ impl Mappings {
     }
 
     /// Links `user_id` to `stripe_customer_id`, or says who holds either.
-    /// See [`store::try_link`] for why this has no race window.
+    /// See `src/store/link.rs` for why this has no race window.
     pub async fn link(
         &self,
         user_id: UserId,
