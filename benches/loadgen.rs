@@ -54,18 +54,72 @@ use tonic_health::pb::{
 /// A pool straight to the database, bypassing the service.
 #[derive(Clone)]
 enum Pool {
-    Pg(sqlx::PgPool),
+    Pg(Arc<PgConnections>),
     Sqlite(sqlx::SqlitePool),
 }
 
 /// Runs the same code on either pool (their types differ, the SQL doesn't).
+/// On PostgreSQL `$p` is one connection, put back only if `$body` did not
+/// return an error early.
 macro_rules! on_pool {
     ($pool:expr, $p:ident => $body:expr) => {
         match $pool {
-            Pool::Pg($p) => $body,
+            Pool::Pg(connections) => {
+                let (slot, mut connection) = connections.take().await?;
+                let result = {
+                    let $p = &mut connection;
+                    $body
+                };
+                connections.put(connection, slot);
+                result
+            }
             Pool::Sqlite($p) => $body,
         }
     };
+}
+
+/// The ceiling's PostgreSQL connections: none is pinged, neither when handed
+/// out nor when given back. sqlx's pool always pings a connection it takes
+/// back (`return_to_pool`, sqlx-core 0.9), one more round trip per
+/// statement that the service, which holds its own connections, does not
+/// pay: with it the ceiling was not the cheapest way to run the statement.
+struct PgConnections {
+    options: sqlx::postgres::PgConnectOptions,
+    idle: std::sync::Mutex<Vec<sqlx::PgConnection>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl PgConnections {
+    async fn take(
+        &self,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, sqlx::PgConnection), sqlx::Error> {
+        use sqlx::Connection;
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let idle = self.idle.lock().expect("idle connections").pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => sqlx::PgConnection::connect_with(&self.options).await?,
+        };
+        Ok((slot, connection))
+    }
+
+    fn put(&self, connection: sqlx::PgConnection, slot: tokio::sync::OwnedSemaphorePermit) {
+        self.idle.lock().expect("idle connections").push(connection);
+        drop(slot);
+    }
+
+    async fn close(&self) {
+        use sqlx::Connection;
+        let idle = std::mem::take(&mut *self.idle.lock().expect("idle connections"));
+        for connection in idle {
+            let _ = connection.close().await;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -352,7 +406,10 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     let rss = peak_rss_kib(server.pid());
     server.sigterm();
     server.exited(Duration::from_secs(30)).await;
-    on_pool!(&ceiling, p => p.close().await);
+    match &ceiling {
+        Pool::Pg(p) => p.close().await,
+        Pool::Sqlite(p) => p.close().await,
+    }
     let summary = format!(
         "{db:?}: server start to SERVING {:.0} ms, peak RSS {:.1} MiB, {} preloaded rows",
         startup.as_secs_f64() * 1000.0,
@@ -682,18 +739,15 @@ fn without_tls(db: Db, url: &str) -> anyhow::Result<String> {
 }
 
 /// The ceiling's pool straight to the database: the size the server's pool
-/// has, and no ping before handing out a connection (the cheapest way to
-/// run a statement through sqlx; the server pings only connections that sat
-/// idle).
+/// has, and no ping (on PostgreSQL none at all, see [`PgConnections`]; the
+/// server pings none either).
 async fn ceiling_pool(db: Db, url: &str, size: u32) -> anyhow::Result<Pool> {
     Ok(match db {
-        Db::Postgres => Pool::Pg(
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(size)
-                .test_before_acquire(false)
-                .connect(url)
-                .await?,
-        ),
+        Db::Postgres => Pool::Pg(Arc::new(PgConnections {
+            options: url.parse()?,
+            idle: std::sync::Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(size as usize)),
+        })),
         Db::Sqlite => {
             use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
             let options: SqliteConnectOptions = url.parse()?;
@@ -716,18 +770,21 @@ async fn ceiling_pool(db: Db, url: &str, size: u32) -> anyhow::Result<Pool> {
 async fn preload(pool: &Pool, rows: u64) -> anyhow::Result<()> {
     let last = rows - 1;
     let n: i64 = match pool {
-        Pool::Pg(p) => {
+        Pool::Pg(connections) => {
+            let (slot, mut p) = connections.take().await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO stripe_customers (user_id, stripe_customer_id, created_at) \
                  SELECT 'user-' || g, 'cus_' || g, now() FROM generate_series(0, {last}) AS g; \
                  ANALYZE stripe_customers"
             )))
-            .execute(p)
+            .execute(&mut p)
             .await?;
-            sqlx::query("SELECT count(*) AS n FROM stripe_customers")
-                .fetch_one(p)
+            let n = sqlx::query("SELECT count(*) AS n FROM stripe_customers")
+                .fetch_one(&mut p)
                 .await?
-                .try_get("n")?
+                .try_get("n")?;
+            connections.put(p, slot);
+            n
         }
         Pool::Sqlite(p) => {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261128_000001_create_stripe_customers;
 mod m20261201_000001_create_mapping_events;
 mod preexisting;
+mod m20261201_000002_add_link_token;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_create_stripe_customers::Migration),
             Box::new(m20261201_000001_create_mapping_events::Migration),
+            Box::new(m20261201_000002_add_link_token::Migration),
         ]
     }
 }

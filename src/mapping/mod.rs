@@ -54,9 +54,10 @@ fn work_until() -> Instant {
     deadline + COMPLETION_GRACE
 }
 
-/// How many times Link starts over when the rows it conflicted with were
-/// unlinked (or the database aborted it) before it could read them. Each
-/// retry needs a concurrent Unlink of the same keys to land inside a few
+/// How many times Link runs its statement again when the row it conflicted
+/// with was committed after the statement's snapshot (or unlinked), when the
+/// database aborted it, or when its connection was lost. Each needs a
+/// concurrent change of the same keys, or a fault, inside a few
 /// milliseconds, so a handful is plenty.
 const MAX_LINK_ATTEMPTS: usize = 5;
 
@@ -103,7 +104,7 @@ impl Mappings {
     }
 
     /// Links `user_id` to `stripe_customer_id`, or says who holds either.
-    /// See [`store::try_link`] for why this has no race window.
+    /// See `src/store/link.rs` for why this has no race window.
     /// A link that creates the mapping records a `Linked` event by `actor`.
     pub async fn link(
         &self,
@@ -180,12 +181,17 @@ async fn link(
     // PostgreSQL keeps microseconds; truncating here makes the reply of
     // the creating call equal to every later read.
     let now = Utc::now().trunc_subsecs(6);
+    // This call's mark on the row it inserts: an attempt that finds the
+    // pair already linked with this token is looking at this call's own
+    // earlier attempt, whose answer was lost (see `store::link`).
+    let token = link_token();
     for _ in 0..MAX_LINK_ATTEMPTS {
         let rows = match store::try_link(
             db,
             user_id.as_str(),
             stripe_customer_id.as_str(),
             now,
+            token,
             actor.as_store(),
             until,
         )
@@ -197,17 +203,18 @@ async fn link(
                     created: true,
                 });
             }
-            LinkAttempt::Conflicts(rows) => rows,
-            LinkAttempt::RolledBack => continue,
+            LinkAttempt::Holders(rows) => rows,
+            LinkAttempt::Again => continue,
         };
         // A row holding our user decides first: that is the question a
         // caller linking a user asks ("who is my customer?").
         if let Some(row) = rows.iter().find(|r| r.user_id == user_id.as_str()) {
+            let ours = row.link_token == Some(token);
             let existing: Mapping = row.clone().try_into()?;
             return if existing.stripe_customer_id == stripe_customer_id {
                 Ok(Linked {
                     mapping: existing,
-                    created: false,
+                    created: ours,
                 })
             } else {
                 Err(Error::UserAlreadyLinked(existing))
@@ -216,10 +223,18 @@ async fn link(
         if let Some(row) = rows.into_iter().next() {
             return Err(Error::CustomerAlreadyLinked(row.try_into()?));
         }
-        // The conflicting row was unlinked between our insert and our
-        // read: nothing holds either key any more, so try again.
+        // The insert conflicted with a row the statement's snapshot could
+        // not see (committed after it began), or the holder was unlinked:
+        // no answer is justified yet, so try again with a fresh snapshot.
     }
     Err(Error::Contended)
+}
+
+/// A random token for one Link call. 64 random bits: two calls drawing the
+/// same token for the same pair, one of them retrying, is not a concern.
+fn link_token() -> i64 {
+    let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
+    high as i64
 }
 
 impl TryFrom<Model> for Mapping {

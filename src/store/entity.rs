@@ -12,6 +12,9 @@ pub struct Model {
     #[sea_orm(unique)]
     pub stripe_customer_id: String,
     pub created_at: DateTimeUtc,
+    /// The Link call that created the row (see `store::link`); `None` for
+    /// rows written otherwise.
+    pub link_token: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

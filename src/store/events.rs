@@ -10,7 +10,7 @@ use sea_orm::{
 use tokio::time::Instant;
 
 use super::{
-    Backend, Database, Side,
+    Backend, Database, PostgresDb, Side,
     entity::{self, Entity as StripeCustomers, Model as MappingRow},
     event_entity::{ActiveModel, Column, Entity as MappingEvents, Model},
     model,
@@ -61,37 +61,6 @@ pub async fn record(
     txn.execute(&insert).await.map(drop)
 }
 
-/// `insert`, a PostgreSQL `INSERT ... RETURNING *` of a mapping, made to
-/// also record the `KIND_LINKED` event of the row it returns, in the same
-/// statement (a data-modifying CTE): no row, no event.
-pub(super) fn with_linked_event(
-    insert: Statement,
-    time: DateTime<Utc>,
-    actor: Actor<'_>,
-) -> Statement {
-    let mut values = insert.values.map(|values| values.0).unwrap_or_default();
-    let n = values.len();
-    values.extend([
-        KIND_LINKED.into(),
-        time.into(),
-        actor.caller.into(),
-        actor.request_id.into(),
-    ]);
-    let sql = format!(
-        "WITH inserted AS ({}), \
-         recorded AS (INSERT INTO mapping_events \
-           (kind, user_id, stripe_customer_id, mapping_created_at, time, caller, request_id) \
-           SELECT ${}, user_id, stripe_customer_id, created_at, ${}, ${}, ${} FROM inserted) \
-         SELECT * FROM inserted",
-        insert.sql,
-        n + 1,
-        n + 2,
-        n + 3,
-        n + 4
-    );
-    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
-}
-
 /// Deletes the mapping row where `column = value` and records its
 /// `KIND_UNLINKED` event, atomically; returns the removed row.
 ///
@@ -109,7 +78,7 @@ pub(super) async fn delete_recording(
 ) -> Result<Option<MappingRow>, DbErr> {
     let sqlite = match &db.0 {
         Backend::Sqlite(sqlite) => sqlite,
-        Backend::Postgres(pool) => {
+        Backend::Postgres(PostgresDb { pool, .. }) => {
             let key = match column {
                 entity::Column::StripeCustomerId => "stripe_customer_id",
                 _ => "user_id",

@@ -10,11 +10,13 @@
 //! silent; it keeps SeaORM's pool, bounded by its busy timeout.
 
 mod batch;
+mod coalesce;
 pub mod entity;
 mod errors;
 pub mod event_entity;
 pub mod events;
 pub mod list;
+mod link;
 mod postgres;
 
 use std::{
@@ -24,22 +26,20 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectOptions, ConnectionTrait, DatabaseConnection,
-    DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
-    QueryTrait, Select, Set, SqliteTransactionMode, SqlxPostgresConnector, Statement,
-    TransactionOptions, TransactionTrait,
-    sea_query::{InsertStatement, OnConflict},
+    ColumnTrait, ConnectOptions, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, QueryFilter, QueryResult, QueryTrait, Select, SqlxPostgresConnector, Statement,
     sqlx::{self, Row, postgres::PgRow},
 };
 use tokio::time::Instant;
 
 pub use batch::{Side, find_by_keys};
-use entity::{ActiveModel, Column, Entity as StripeCustomers, Model};
+use entity::{Column, Entity as StripeCustomers, Model};
 pub use errors::{
     failure_kind, is_connection_lost, is_read_only, is_rolled_back_by_database, is_timeout,
     is_unavailable,
 };
 pub use events::Actor;
+pub use link::{LinkAttempt, try_link};
 
 /// How long applying the migrations may take at start-up. They are a few
 /// DDL statements on a small schema; this only bounds a database that went
@@ -80,8 +80,15 @@ pub struct Database(Backend);
 
 #[derive(Debug, Clone)]
 enum Backend {
-    Postgres(postgres::Pool),
+    Postgres(PostgresDb),
     Sqlite(SqliteDb),
+}
+
+/// The service's PostgreSQL connections, and the Gets coalesced over them.
+#[derive(Debug, Clone)]
+struct PostgresDb {
+    pool: postgres::Pool,
+    reads: Arc<coalesce::Reads>,
 }
 
 /// SeaORM's pool on SQLite, and a queue for writers.
@@ -135,7 +142,10 @@ impl Database {
                 let _ = tokio::time::timeout(options.connect_timeout, migrations.close()).await;
                 migrated.map_err(|_| errors::timed_out("applying migrations"))??;
             }
-            Backend::Postgres(pool)
+            Backend::Postgres(PostgresDb {
+                pool,
+                reads: Arc::new(coalesce::Reads::new()),
+            })
         } else {
             let conn = connect_sqlite(url, options).await?;
             if migrate {
@@ -158,7 +168,7 @@ impl Database {
     pub async fn ping(&self, timeout: Duration) -> Result<(), DbErr> {
         let until = Instant::now() + timeout;
         match &self.0 {
-            Backend::Postgres(pool) => {
+            Backend::Postgres(PostgresDb { pool, .. }) => {
                 let mut conn = pool.acquire(until).await?;
                 let stmt =
                     Statement::from_string(DbBackend::Postgres, "SELECT pg_is_in_recovery()");
@@ -185,15 +195,16 @@ impl Database {
     /// stopped answering, since connections opened before may sit on a path
     /// that went silent, and each would cost a caller its deadline.
     pub fn forget_connections(&self) {
-        if let Backend::Postgres(pool) = &self.0 {
-            pool.forget_connections();
+        if let Backend::Postgres(pg) = &self.0 {
+            pg.pool.forget_connections();
+            pg.reads.forget(&pg.pool);
         }
     }
 
     /// Open and idle connections.
     pub fn stats(&self) -> PoolStats {
         let (open, idle) = match &self.0 {
-            Backend::Postgres(pool) => pool.stats(),
+            Backend::Postgres(pg) => pg.pool.stats(),
             Backend::Sqlite(db) => {
                 let pool = db.conn.get_sqlite_connection_pool();
                 (
@@ -210,8 +221,8 @@ impl Database {
     pub async fn close(&self, timeout: Duration) -> Result<(), DbErr> {
         let until = Instant::now() + timeout;
         match &self.0 {
-            Backend::Postgres(pool) => {
-                pool.close(until).await;
+            Backend::Postgres(pg) => {
+                pg.pool.close(until).await;
                 Ok(())
             }
             Backend::Sqlite(db) => tokio::time::timeout_at(until, db.conn.close_by_ref())
@@ -220,22 +231,22 @@ impl Database {
         }
     }
 
-    /// The row that `select` finds, by `until`.
+    /// The row holding `value` in `column`, by `until`. Concurrent Gets on
+    /// PostgreSQL share statements (see `coalesce.rs`).
     async fn one(
         &self,
-        select: Select<StripeCustomers>,
+        column: Column,
+        value: &str,
         until: Instant,
     ) -> Result<Option<Model>, DbErr> {
         match &self.0 {
-            Backend::Postgres(pool) => {
-                let mut conn = pool.acquire(until).await?;
-                let row = conn
-                    .fetch_optional(&select.build(DbBackend::Postgres), until)
-                    .await?;
-                conn.release();
-                row.map(model).transpose()
+            Backend::Postgres(pg) => pg.reads.get(&pg.pool, column, value, until).await,
+            Backend::Sqlite(db) => {
+                StripeCustomers::find()
+                    .filter(column.eq(value))
+                    .one(&db.conn)
+                    .await
             }
-            Backend::Sqlite(db) => select.one(&db.conn).await,
         }
     }
 
@@ -246,7 +257,7 @@ impl Database {
         E::Model: FromQueryResult + Send + Sync,
     {
         match &self.0 {
-            Backend::Postgres(pool) => {
+            Backend::Postgres(PostgresDb { pool, .. }) => {
                 let mut conn = pool.acquire(until).await?;
                 let rows = conn
                     .fetch_all(&select.build(DbBackend::Postgres), until)
@@ -313,192 +324,13 @@ fn model(row: PgRow) -> Result<Model, DbErr> {
     Model::from_query_result(&QueryResult::from(row), "")
 }
 
-/// What one attempt at linking found.
-#[derive(Debug)]
-pub enum LinkAttempt {
-    /// This attempt inserted the row.
-    Created(Model),
-    /// The insert conflicted; these are the committed rows holding the user
-    /// or the customer when read. Empty when they were unlinked in between.
-    Conflicts(Vec<Model>),
-    /// The transaction was rolled back before COMMIT (deadlock, serialization
-    /// failure, its connection died, or it reached a standby): nothing was
-    /// written and the attempt can be repeated.
-    RolledBack,
-}
-
-/// One atomic attempt to link `user_id` to `stripe_customer_id`, done or
-/// failed by `until`.
-///
-/// Why there is no race window (the bug this service replaces did
-/// "insert, ignore conflict, then look up" and trusted the look-up):
-///
-/// 1. `INSERT ... ON CONFLICT DO NOTHING RETURNING *` is one atomic statement
-///    arbitrated by the two unique indexes. On PostgreSQL, if another
-///    transaction holds an uncommitted row with either key, the insert waits
-///    for it to commit or roll back, then either inserts (and we return
-///    `Created`: the row is ours and nobody else can have either key) or does
-///    nothing because a *committed* row holds a key. Two concurrent Links can
-///    never both insert, whatever the interleaving.
-/// 2. Only on conflict do we read the rows holding either key, in the same
-///    transaction. Under READ COMMITTED the read takes a fresh snapshot, so it
-///    sees the committed conflicting row, or nothing if a concurrent Unlink
-///    committed in between: then we report `Conflicts(vec![])` and the caller
-///    retries (bounded) instead of guessing. On SQLite the transaction is
-///    `BEGIN IMMEDIATE`, so writers are serialized and the read sees exactly
-///    what the insert conflicted with.
-/// 3. The caller decides from the rows it read, never from an assumption. A
-///    reply is always the state at one instant during the call (the insert's
-///    commit, or the read), which is what makes the service linearizable: an
-///    idempotent repeat returns the stored row, and a conflict names the row
-///    that actually holds the key.
-pub async fn try_link(
-    db: &Database,
-    user_id: &str,
-    stripe_customer_id: &str,
-    created_at: DateTime<Utc>,
-    actor: Actor<'_>,
-    until: Instant,
-) -> Result<LinkAttempt, DbErr> {
-    let insert = insert_unless_either_key_taken(user_id, stripe_customer_id, created_at);
-    let holders = StripeCustomers::find().filter(
-        Condition::any()
-            .add(Column::UserId.eq(user_id))
-            .add(Column::StripeCustomerId.eq(stripe_customer_id)),
-    );
-    let pool = match &db.0 {
-        Backend::Postgres(pool) => pool,
-        Backend::Sqlite(db) => {
-            return try_link_sqlite(db, &insert, holders, created_at, actor).await;
-        }
-    };
-    // The event commits iff the row does: recorded by the insert's own
-    // statement (no extra round trip).
-    let insert = events::with_linked_event(DbBackend::Postgres.build(&insert), created_at, actor);
-    let mut conn = pool.acquire(until).await?;
-    let before_commit = async {
-        conn.execute("BEGIN", until).await?;
-        let inserted = conn.fetch_optional(&insert, until).await?;
-        Ok::<_, DbErr>(match inserted {
-            Some(row) => LinkAttempt::Created(model(row)?),
-            None => LinkAttempt::Conflicts(
-                conn.fetch_all(&holders.build(DbBackend::Postgres), until)
-                    .await?
-                    .into_iter()
-                    .map(model)
-                    .collect::<Result<_, _>>()?,
-            ),
-        })
-    };
-    let attempt = match before_commit.await {
-        Ok(attempt) => attempt,
-        // Nothing was committed: COMMIT was never sent, and the connection
-        // is closed, so the server rolls the transaction back (at the
-        // latest after its idle-in-transaction timeout). Safe to run again
-        // on another connection while there is time left; a timeout means
-        // there is none.
-        Err(err) if is_retryable_before_commit(&err) && Instant::now() < until => {
-            tracing::debug!(error = %err, "link attempt rolled back; retrying");
-            return Ok(LinkAttempt::RolledBack);
-        }
-        Err(err) => return Err(err),
-    };
-    // Not retried: once COMMIT is sent it may have taken effect, and a
-    // second attempt would report `created = false` for our own insert.
-    conn.execute("COMMIT", until).await?;
-    conn.release();
-    Ok(attempt)
-}
-
-fn is_retryable_before_commit(err: &DbErr) -> bool {
-    is_rolled_back_by_database(err) || is_connection_lost(err) || is_read_only(err)
-}
-
-async fn try_link_sqlite(
-    db: &SqliteDb,
-    insert: &InsertStatement,
-    holders: Select<StripeCustomers>,
-    created_at: DateTime<Utc>,
-    actor: Actor<'_>,
-) -> Result<LinkAttempt, DbErr> {
-    let _turn = db.writers.lock().await;
-    let in_transaction = async {
-        let txn = db
-            .conn
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await?;
-        let attempt = link_statements_sqlite(&txn, insert, holders, created_at, actor).await?;
-        Ok::<_, DbErr>((txn, attempt))
-    };
-    let (txn, attempt) = match in_transaction.await {
-        Ok(done) => done,
-        Err(err) if is_rolled_back_by_database(&err) || is_connection_lost(&err) => {
-            tracing::debug!(error = %err, "link attempt rolled back; retrying");
-            return Ok(LinkAttempt::RolledBack);
-        }
-        Err(err) => return Err(err),
-    };
-    txn.commit().await?;
-    Ok(attempt)
-}
-
-async fn link_statements_sqlite(
-    txn: &DatabaseTransaction,
-    insert: &InsertStatement,
-    holders: Select<StripeCustomers>,
-    created_at: DateTime<Utc>,
-    actor: Actor<'_>,
-) -> Result<LinkAttempt, DbErr> {
-    let inserted = StripeCustomers::find()
-        .from_raw_sql(txn.get_database_backend().build(insert))
-        .one(txn)
-        .await?;
-    Ok(match inserted {
-        Some(model) => {
-            // In the insert's transaction: the event commits iff the row does.
-            events::record(txn, events::KIND_LINKED, &model, created_at, actor).await?;
-            LinkAttempt::Created(model)
-        }
-        None => LinkAttempt::Conflicts(holders.all(txn).await?),
-    })
-}
-
-/// `INSERT ... ON CONFLICT DO NOTHING RETURNING *`, with no conflict target
-/// so that a conflict on *either* unique index does nothing. Run by hand
-/// rather than through `TryInsert`, whose `exec_with_returning` reports an
-/// empty RETURNING as an error instead of a conflict.
-fn insert_unless_either_key_taken(
-    user_id: &str,
-    stripe_customer_id: &str,
-    created_at: DateTime<Utc>,
-) -> InsertStatement {
-    let row = ActiveModel {
-        user_id: Set(user_id.to_owned()),
-        stripe_customer_id: Set(stripe_customer_id.to_owned()),
-        created_at: Set(created_at),
-        ..Default::default()
-    };
-    StripeCustomers::insert(row)
-        .on_conflict(OnConflict::new().do_nothing().to_owned())
-        .into_query()
-        .returning_all()
-        .to_owned()
-}
-
 /// The row holding `user_id`, if any, read by `until`.
 pub async fn find_by_user_id(
     db: &Database,
     user_id: &str,
     until: Instant,
 ) -> Result<Option<Model>, DbErr> {
-    db.one(
-        StripeCustomers::find().filter(Column::UserId.eq(user_id)),
-        until,
-    )
-    .await
+    db.one(Column::UserId, user_id, until).await
 }
 
 /// The row holding `stripe_customer_id`, if any, read by `until`.
@@ -507,11 +339,8 @@ pub async fn find_by_stripe_customer_id(
     stripe_customer_id: &str,
     until: Instant,
 ) -> Result<Option<Model>, DbErr> {
-    db.one(
-        StripeCustomers::find().filter(Column::StripeCustomerId.eq(stripe_customer_id)),
-        until,
-    )
-    .await
+    db.one(Column::StripeCustomerId, stripe_customer_id, until)
+        .await
 }
 
 /// Deletes the row holding `user_id`, records the event, and returns it,
@@ -544,23 +373,4 @@ pub async fn delete_by_stripe_customer_id(
         until,
     )
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sea_orm::DbBackend;
-
-    #[test]
-    fn link_insert_does_nothing_on_either_key_and_returns_the_row() {
-        let insert = insert_unless_either_key_taken("u", "cus_1", DateTime::UNIX_EPOCH);
-        for backend in [DbBackend::Postgres, DbBackend::Sqlite] {
-            let sql = backend.build(&insert).sql;
-            let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-            assert!(
-                sql.ends_with(") ON CONFLICT DO NOTHING RETURNING *"),
-                "{backend:?}: {sql}"
-            );
-        }
-    }
 }

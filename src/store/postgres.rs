@@ -29,8 +29,8 @@ use std::{
 use sea_orm::{
     DbErr, RuntimeErr, Statement,
     sqlx::{
-        self, ConnectOptions, Connection, Executor, PgConnection,
-        postgres::{PgConnectOptions, PgQueryResult, PgRow},
+        self, ConnectOptions, Connection, PgConnection,
+        postgres::{PgConnectOptions, PgRow},
     },
 };
 use sea_query_sqlx::SqlxValues;
@@ -318,16 +318,6 @@ impl Checkout {
         .await
     }
 
-    /// Runs SQL with no parameters (BEGIN, COMMIT).
-    pub async fn execute(
-        &mut self,
-        sql: &'static str,
-        until: Instant,
-    ) -> Result<PgQueryResult, DbErr> {
-        self.bounded(until, sql_name(sql), async |conn| conn.execute(sql).await)
-            .await
-    }
-
     /// Puts the connection back for reuse. Only call this when its last
     /// exchange finished and no transaction is open.
     pub fn release(mut self) {
@@ -353,14 +343,6 @@ impl Drop for Checkout {
         if let Some(conn) = self.conn.take() {
             self.pool.discard(conn);
         }
-    }
-}
-
-fn sql_name(sql: &'static str) -> &'static str {
-    match sql {
-        "COMMIT" => "COMMIT",
-        "BEGIN" => "BEGIN",
-        _ => "a database statement",
     }
 }
 

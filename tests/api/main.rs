@@ -23,6 +23,7 @@ mod database_errors;
 mod failover;
 mod faults;
 mod linearizability;
+mod one_round_trip;
 mod silent_database;
 
 // Operating it: health, shutdown, metrics, the binary and its CLI.

@@ -283,18 +283,17 @@ async fn link(
     (reply.map(|r| r.into_inner().created), started.elapsed())
 }
 
-/// One Link whose COMMIT is caught by the silence: delivered (it commits,
-/// the answer is lost) or swallowed (the session stays idle in its
-/// transaction, holding the row and both keys' locks, until PostgreSQL's
-/// idle-in-transaction timeout ends it). The Link ends within its deadline
-/// as indeterminate; after the heal the service serves within 10 s and the
-/// same Link then tells the truth: not created again if the COMMIT ran,
-/// created if it did not, never blocked for good by the stuck session.
+/// One Link whose statement is caught by the silence (Link is one
+/// autocommit statement, so the statement is its COMMIT): delivered (it
+/// commits, the answer is lost) or swallowed (it never reaches the
+/// database). The Link ends within its deadline as indeterminate; after the
+/// heal the service serves within 10 s and the same Link then tells the
+/// truth: not created again if the statement ran, created if it did not.
 async fn a_link_silenced_waiting_for_commit(deliver: bool) {
     let database = TestDatabase::create(Backend::Postgres).await;
     let url = database.url.clone();
     let proxy = SilentProxy::start(upstream_of(&url).await).await;
-    // In plaintext, so that the proxy can see the COMMIT go by.
+    // In plaintext, so that the proxy can see the Link's parameters go by.
     let mut through = url::Url::parse(&proxy.through(&url)).expect("a URL");
     through.query_pairs_mut().append_pair("sslmode", "disable");
     let settings = settings(through.to_string());
@@ -304,11 +303,13 @@ async fn a_link_silenced_waiting_for_commit(deliver: bool) {
     let mut history = History::default();
     let mut client = app.new_client().await;
 
-    proxy.silence_when_client_sends(b"COMMIT", deliver);
+    // The Bind message of the Link statement carries its ids; nothing else
+    // the service sends does.
+    proxy.silence_when_client_sends(b"cus_1", deliver);
     let invoked = started.elapsed().as_nanos() as u64;
     let silenced = Instant::now();
     let (reply, took) = link(&mut client, "user-1", "cus_1").await;
-    let status = reply.expect_err("the Link's COMMIT was never answered");
+    let status = reply.expect_err("the Link's statement was never answered");
     assert!(cut_off(status.code()), "{status:?}");
     assert!(
         took <= DEADLINE + SCHEDULING_SLACK,
@@ -364,12 +365,12 @@ async fn a_link_silenced_waiting_for_commit(deliver: bool) {
     assert_eq!(
         created,
         !deliver,
-        "created = {created}, though the first COMMIT was {}",
+        "created = {created}, though the first Link statement was {}",
         if deliver { "delivered" } else { "swallowed" }
     );
     let (checked, unknown) = history::assert_linearizable(
         &format!(
-            "a Link's COMMIT {}",
+            "a Link's statement {}",
             if deliver {
                 "delivered, answer lost"
             } else {
@@ -381,7 +382,7 @@ async fn a_link_silenced_waiting_for_commit(deliver: bool) {
         &table(&url).await,
     );
     helpers::report(&format!(
-        "silence at COMMIT ({}): {checked} operations checked, {unknown} indeterminate, \
+        "silence at the Link statement ({}): {checked} operations checked, {unknown} indeterminate, \
          NOT_SERVING after {:.2} s, ten OK calls in a row {:.2} s and the same Link answered \
          {:.2} s after the heal",
         if deliver { "delivered" } else { "swallowed" },

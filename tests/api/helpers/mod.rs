@@ -3,6 +3,7 @@
 //! PostgreSQL database that is dropped when the test ends).
 
 pub mod bulk;
+pub mod cut_proxy;
 pub mod history;
 pub mod pg;
 pub mod pg_cluster;
