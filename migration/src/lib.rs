@@ -5,8 +5,8 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_create_stripe_customers;
 mod m20261201_000001_create_mapping_events;
-mod preexisting;
 mod m20261201_000002_add_link_token;
+mod preexisting;
 
 pub struct Migrator;
 

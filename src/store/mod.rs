@@ -15,8 +15,8 @@ pub mod entity;
 mod errors;
 pub mod event_entity;
 pub mod events;
-pub mod list;
 mod link;
+pub mod list;
 mod postgres;
 
 use std::{
@@ -27,7 +27,8 @@ use std::{
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, ConnectOptions, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, QueryFilter, QueryResult, QueryTrait, Select, SqlxPostgresConnector, Statement,
+    FromQueryResult, QueryFilter, QueryResult, QueryTrait, Select, SqlxPostgresConnector,
+    Statement,
     sqlx::{self, Row, postgres::PgRow},
 };
 use tokio::time::Instant;
