@@ -1,5 +1,6 @@
 use customer_mapping::{
     config::{Cli, Command},
+    import,
     startup::{self, Application},
     telemetry,
 };
@@ -13,6 +14,8 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings).await,
         Command::Migrate => startup::migrate(&cli.settings.database).await,
+        // Its exit status says more than success or failure (see --help).
+        Command::Import(args) => return import::run(&cli.settings, &args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -24,6 +24,25 @@ impl MigratorTrait for Migrator {
 /// Applies every pending migration, after checking that the database holds
 /// no `stripe_customers` table of another shape (see [`preexisting`]); when
 /// it does, fails with one line and changes nothing.
+/// Whether every migration has been applied, without applying any:
+/// `false` when none has (no `stripe_customers` table), an error when the
+/// table is someone else's or only some migrations ran.
+pub async fn ready(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<bool, DbErr> {
+    let manager = SchemaManager::new(db);
+    preexisting::check(&manager).await?;
+    if !manager.has_table("stripe_customers").await? {
+        return Ok(false);
+    }
+    if manager.has_table("mapping_events").await?
+        && manager.has_column("stripe_customers", "link_token").await?
+    {
+        return Ok(true);
+    }
+    Err(DbErr::Migration(
+        "the database has pending migrations: run `customer-mapping migrate` first".into(),
+    ))
+}
+
 pub async fn up(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), DbErr> {
     preexisting::check(&SchemaManager::new(db)).await?;
     Migrator::up(db, None).await

@@ -15,6 +15,7 @@ pub mod entity;
 mod errors;
 pub mod event_entity;
 pub mod events;
+mod import;
 mod link;
 pub mod list;
 mod postgres;
@@ -40,6 +41,7 @@ pub use errors::{
     is_unavailable,
 };
 pub use events::Actor;
+pub use import::{BatchAttempt, ImportRow, Write as ImportWrite, import_batch};
 pub use link::{LinkAttempt, try_link};
 
 /// How long applying the migrations may take at start-up. They are a few
@@ -135,7 +137,7 @@ impl Database {
                 .await?
                 .release();
             if migrate {
-                let migrations = migration_connection(&pool, options);
+                let migrations = migration_connection(&pool, options.connect_timeout);
                 let migrated =
                     tokio::time::timeout(MIGRATION_TIMEOUT, migration::up(&migrations)).await;
                 // Its pool closes every connection on release, so this has
@@ -190,6 +192,27 @@ impl Database {
                 .await
                 .map_err(|_| errors::timed_out("the health ping"))?,
         }
+    }
+
+    /// Whether the service's tables are there, up to date, by `timeout`:
+    /// `false` for a database with none of them yet, an error for one with
+    /// someone else's `stripe_customers` or only some of the migrations. A
+    /// dry-run import reads a database without migrating it.
+    pub async fn schema_is_ready(&self, timeout: Duration) -> Result<bool, DbErr> {
+        let ready = async {
+            match &self.0 {
+                Backend::Postgres(pg) => {
+                    let conn = migration_connection(&pg.pool, timeout);
+                    let ready = migration::ready(&conn).await;
+                    let _ = conn.close().await;
+                    ready
+                }
+                Backend::Sqlite(db) => migration::ready(&db.conn).await,
+            }
+        };
+        tokio::time::timeout(timeout, ready)
+            .await
+            .map_err(|_| errors::timed_out("reading the schema"))?
     }
 
     /// Stops reusing the connections open now: called when the database
@@ -310,11 +333,11 @@ async fn connect_sqlite(url: &str, options: &PoolOptions) -> Result<DatabaseConn
 /// A SeaORM connection for the migrator, on a pool of its own that never
 /// pings: sqlx's release ping has no bound, so each connection is closed
 /// after use instead (start-up only; a few statements).
-fn migration_connection(pool: &postgres::Pool, options: &PoolOptions) -> DatabaseConnection {
+fn migration_connection(pool: &postgres::Pool, connect_timeout: Duration) -> DatabaseConnection {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .min_connections(0)
-        .acquire_timeout(options.connect_timeout)
+        .acquire_timeout(connect_timeout)
         .test_before_acquire(false)
         .after_release(|_, _| Box::pin(async { Ok(false) }))
         .connect_lazy_with(pool.connect_options().clone());

@@ -274,7 +274,7 @@ impl Checkout {
     /// Runs `work` on the connection by `until`. On any error or timeout
     /// the connection is closed: a statement that failed or was cut off may
     /// have left replies unread or a transaction open.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &mut self,
         until: Instant,
         what: &'static str,

@@ -14,8 +14,10 @@ mod link;
 mod list;
 mod validation;
 
-// Adopting it: the migration's check of a database that isn't ours yet.
+// Adopting it: the migration's check of a database that isn't ours yet,
+// and bringing the old mappings in.
 mod adoption;
+mod import;
 
 // Concurrency and faults: histories the linearizability checker accepts.
 mod concurrency;

@@ -1,0 +1,603 @@
+//! `customer-mapping import`: brings the mappings of the application this
+//! service replaces in, with exactly Link's rules, and reports every row it
+//! refuses.
+//!
+//! The rows stream through: a reader (`source.rs`) parses and validates
+//! them on its own thread while the previous batch is in the database, and
+//! only a few batches are ever in memory. Batches are applied one after the
+//! other, in input order, so "an earlier row of the same input" means what
+//! it says; within a batch no two rows share a user or a customer (a row
+//! that would starts the next batch), so one statement decides a whole
+//! batch (`store::import`).
+//!
+//! What the import remembers of the rows it has accepted is their
+//! fingerprints (`InputIndex`, 64-bit hashes, about 50 bytes a row): enough
+//! to tell a row that contradicts an earlier row of the input
+//! (`CONFLICT_IN_INPUT`) from one that contradicts the database as it was
+//! (`USER_ALREADY_LINKED`, ...), and, in a dry run, to find the first kind
+//! without writing. The database, not the fingerprints, decides every row
+//! that is written.
+
+mod index;
+mod progress;
+mod report;
+mod source;
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{ImportArgs, Settings},
+    mapping::{StripeCustomerId, UserId},
+    store::{self, Database, entity::Model},
+};
+use index::InputIndex;
+use progress::Counters;
+use report::Report;
+use source::Source;
+
+/// The caller the audit trail names for every mapping an import creates.
+pub const IMPORT_CALLER: &str = "import";
+
+/// How long one batch may take in the database before its connection is
+/// given up (and the batch tried again). A batch of 5,000 rows takes a few
+/// hundred milliseconds; this only bounds a database gone silent.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attempts per batch: after a lost answer, an abort by the database, or a
+/// row that conflicted with a change committed during the statement.
+const MAX_BATCH_ATTEMPTS: usize = 5;
+
+/// Exit statuses (also in the README and in `--help`).
+const EXIT_REFUSED: u8 = 1;
+const EXIT_BAD_SOURCE: u8 = 2;
+const EXIT_TARGET_FAILED: u8 = 3;
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Why a row was not imported: the report's `reason` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    InvalidUserId,
+    InvalidStripeCustomerId,
+    InvalidCreatedAt,
+    /// A CSV line with a number of fields other than the header's.
+    MalformedRow,
+    UserAlreadyLinked,
+    CustomerAlreadyLinked,
+    ConflictInInput,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidUserId => "INVALID_USER_ID",
+            Reason::InvalidStripeCustomerId => "INVALID_STRIPE_CUSTOMER_ID",
+            Reason::InvalidCreatedAt => "INVALID_CREATED_AT",
+            Reason::MalformedRow => "MALFORMED_ROW",
+            Reason::UserAlreadyLinked => "USER_ALREADY_LINKED",
+            Reason::CustomerAlreadyLinked => "CUSTOMER_ALREADY_LINKED",
+            Reason::ConflictInInput => "CONFLICT_IN_INPUT",
+        }
+    }
+}
+
+/// A row that was not imported, as the report shows it.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The CSV line, or the row's position in the table's read order.
+    pub at: u64,
+    pub user_id: String,
+    pub stripe_customer_id: String,
+    pub reason: Reason,
+    /// The mapping holding the user or the customer, when there is one.
+    pub existing: Option<(String, String)>,
+    pub detail: String,
+}
+
+/// A row whose ids are valid: what Link would be called with.
+#[derive(Debug, Clone)]
+pub struct Valid {
+    pub at: u64,
+    pub user_id: UserId,
+    pub stripe_customer_id: StripeCustomerId,
+    /// The source's own time of creation; the import's time when it has
+    /// none.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// A row as the reader hands it over.
+#[derive(Debug, Clone)]
+pub enum Row {
+    Valid(Valid),
+    Refused(Refusal),
+}
+
+/// What ended an import early.
+#[derive(Debug)]
+enum Failure {
+    /// The source can't be read (exit 2).
+    Source(String),
+    /// The target database failed (exit 3).
+    Target(String),
+}
+
+/// Runs an import and returns the process's exit status. Every outcome is
+/// logged: one summary line, or one error line saying what is wrong.
+pub async fn run(settings: &Settings, args: &ImportArgs) -> ExitCode {
+    let interrupted = CancellationToken::new();
+    tokio::spawn(watch_for_interrupts(interrupted.clone()));
+    let mut import = match Import::start(settings, args).await {
+        Ok(import) => import,
+        Err(failure) => return fail(failure),
+    };
+    let ended = import.go(&interrupted).await;
+    import.finish(ended, interrupted.is_cancelled())
+}
+
+/// The first SIGINT or SIGTERM ends the import after the batch in flight;
+/// a second one ends the process at once (nothing reported as imported is
+/// lost either way: a batch counts only once committed).
+async fn watch_for_interrupts(interrupted: CancellationToken) {
+    crate::startup::shutdown_signal().await;
+    interrupted.cancel();
+    tracing::warn!("interrupted: stopping after the batch in flight (interrupt again to stop now)");
+    crate::startup::shutdown_signal().await;
+    tracing::warn!("interrupted again: stopping now");
+    std::process::exit(i32::from(EXIT_INTERRUPTED));
+}
+
+/// A failure before the first row: one line, nothing written.
+fn fail(failure: Failure) -> ExitCode {
+    let (status, message) = match failure {
+        Failure::Source(message) => (EXIT_BAD_SOURCE, message),
+        Failure::Target(message) => (EXIT_TARGET_FAILED, message),
+    };
+    tracing::error!(error = message, "import failed; nothing was imported");
+    ExitCode::from(status)
+}
+
+struct Import {
+    db: Database,
+    /// A dry run's target without the service's tables.
+    target_is_empty: bool,
+    source: Option<Source>,
+    report: Report,
+    index: InputIndex,
+    counters: Arc<Counters>,
+    batch_rows: usize,
+    dry_run: bool,
+    /// This run's name in the audit trail (`request_id` of its events).
+    run_id: String,
+    started: Instant,
+}
+
+impl Import {
+    async fn start(settings: &Settings, args: &ImportArgs) -> Result<Self, Failure> {
+        let source = Source::open(args).await.map_err(Failure::Source)?;
+        let report = Report::create(args.report.as_deref(), source.position_name())
+            .map_err(Failure::Source)?;
+        let database = &settings.database;
+        // A dry run writes nothing, not even the schema.
+        let db = Database::open(
+            database.database_url.expose_secret(),
+            &database.pool_options(),
+            !args.dry_run,
+        )
+        .await
+        .map_err(|err| {
+            Failure::Target(format!(
+                "cannot open the target database {}: {}",
+                database.redacted_url(),
+                err
+            ))
+        })?;
+        // A dry run against a database not migrated yet (the first step of
+        // an adoption) finds no mapping there.
+        let target_is_empty = args.dry_run
+            && !db
+                .schema_is_ready(database.database_connect_timeout)
+                .await
+                .map_err(|err| {
+                    Failure::Target(format!("cannot read the target database: {err}"))
+                })?;
+        if target_is_empty {
+            tracing::info!(
+                "the target database has no mappings table yet: the dry run treats it as empty"
+            );
+        }
+        Ok(Self {
+            db,
+            target_is_empty,
+            source: Some(source),
+            report,
+            index: InputIndex::default(),
+            counters: Arc::new(Counters::default()),
+            batch_rows: args.batch_rows,
+            dry_run: args.dry_run,
+            run_id: format!("import-{}", uuid::Uuid::new_v4().simple()),
+            started: Instant::now(),
+        })
+    }
+
+    /// Reads, batches and applies every row, until the end of the source,
+    /// an interrupt, or a failure.
+    async fn go(&mut self, interrupted: &CancellationToken) -> Result<(), Failure> {
+        let Some(source) = self.source.take() else {
+            return Ok(());
+        };
+        tracing::info!(
+            source = %source.describe(),
+            run = %self.run_id,
+            dry_run = self.dry_run,
+            "import started"
+        );
+        let (tx, mut rx) = mpsc::channel(2);
+        let position = source.position();
+        let reader = source.spawn(self.batch_rows, tx);
+        let _progress = progress::spawn(self.counters.clone(), position, self.started);
+        let mut batch = Batch::default();
+        let ended = loop {
+            let chunk = tokio::select! {
+                biased;
+                () = interrupted.cancelled() => break Ok(()),
+                chunk = rx.recv() => chunk,
+            };
+            let rows = match chunk {
+                None => break self.apply(std::mem::take(&mut batch)).await,
+                Some(Err(message)) => {
+                    // Rows read before the unreadable part are imported.
+                    break self
+                        .apply(std::mem::take(&mut batch))
+                        .await
+                        .and(Err(Failure::Source(message)));
+                }
+                Some(Ok(rows)) => rows,
+            };
+            if let Err(failure) = self.take(rows, &mut batch, interrupted).await {
+                break Err(failure);
+            }
+        };
+        drop(rx);
+        reader.abort();
+        ended
+    }
+
+    /// Sorts a chunk of rows into batches, applying each batch as it fills.
+    async fn take(
+        &mut self,
+        rows: Vec<Row>,
+        batch: &mut Batch,
+        interrupted: &CancellationToken,
+    ) -> Result<(), Failure> {
+        for row in rows {
+            match row {
+                Row::Refused(refusal) => batch.refused.push(refusal),
+                Row::Valid(row) => {
+                    let keys = self.index.keys(&row);
+                    if batch.overlaps(keys) {
+                        self.apply(std::mem::take(batch)).await?;
+                    }
+                    batch.push(row, keys);
+                    if batch.rows.len() >= self.batch_rows {
+                        self.apply(std::mem::take(batch)).await?;
+                    }
+                }
+            }
+            if interrupted.is_cancelled() && batch.rows.is_empty() {
+                break;
+            }
+        }
+        // A chunk's last refusals wait for no valid row.
+        if batch.rows.is_empty() {
+            self.apply(std::mem::take(batch)).await?;
+        }
+        Ok(())
+    }
+
+    /// Counts and reports refused rows, in input order.
+    fn refuse(&mut self, mut refusals: Vec<Refusal>) -> Result<(), Failure> {
+        refusals.sort_by_key(|refusal| refusal.at);
+        self.counters.refused(refusals.len() as u64);
+        for refusal in &refusals {
+            self.report.write(refusal).map_err(Failure::Source)?;
+        }
+        self.report.flush().map_err(Failure::Source)
+    }
+
+    /// Applies one batch, running again the rows whose answer is not known
+    /// yet, and reports and counts each row once it is decided.
+    async fn apply(&mut self, batch: Batch) -> Result<(), Failure> {
+        let mut refused = batch.refused;
+        // Counted when decided, so the summary of an interrupted import
+        // counts only rows it decided.
+        self.counters
+            .read((batch.rows.len() + refused.len()) as u64);
+        if batch.rows.is_empty() {
+            return self.refuse(refused);
+        }
+        let time = Utc::now().trunc_subsecs(6);
+        let token = batch_token();
+        let run_id = self.run_id.clone();
+        let actor = store::Actor {
+            caller: IMPORT_CALLER,
+            request_id: &run_id,
+        };
+        let write = (!self.dry_run).then_some(store::ImportWrite { token, time, actor });
+        let mut todo: Vec<&Valid> = batch.rows.iter().collect();
+        for _ in 0..MAX_BATCH_ATTEMPTS {
+            let rows: Vec<store::ImportRow<'_>> = todo
+                .iter()
+                .map(|row| store::ImportRow {
+                    user_id: row.user_id.as_str(),
+                    stripe_customer_id: row.stripe_customer_id.as_str(),
+                    created_at: row.created_at.unwrap_or(time),
+                })
+                .collect();
+            let until = Instant::now() + BATCH_TIMEOUT;
+            let attempt = if self.target_is_empty {
+                Ok(store::BatchAttempt::Done {
+                    created: Vec::new(),
+                    holders: Vec::new(),
+                })
+            } else {
+                store::import_batch(&self.db, &rows, write, until).await
+            };
+            let (created, holders) = match attempt {
+                Ok(store::BatchAttempt::Done { created, holders }) => (created, holders),
+                Ok(store::BatchAttempt::Again) => continue,
+                Err(err) => {
+                    return Err(Failure::Target(format!(
+                        "the target database failed: {}",
+                        err
+                    )));
+                }
+            };
+            let decided = Decided::new(&created, &holders);
+            let mut again = Vec::new();
+            for row in todo {
+                let outcome = match decided.outcome(row, token) {
+                    Some(outcome) => outcome,
+                    None if self.dry_run => self.index.without_holder(row),
+                    None => {
+                        again.push(row);
+                        continue;
+                    }
+                };
+                refused.extend(self.record(row, outcome));
+            }
+            if again.is_empty() {
+                self.refuse(refused)?;
+                let counts = self.counters.snapshot();
+                tracing::debug!(
+                    created = counts.created,
+                    present = counts.present,
+                    refused = counts.refused,
+                    "batch committed"
+                );
+                return Ok(());
+            }
+            todo = again;
+        }
+        Err(Failure::Target(format!(
+            "rows from {} on kept conflicting with changes made at the same moment by others; \
+             nothing after them was imported. Run the import again",
+            todo.first().map_or(0, |row| row.at)
+        )))
+    }
+
+    /// Counts and remembers one decided row; its refusal, if it is refused.
+    fn record(&mut self, row: &Valid, outcome: Outcome<'_>) -> Option<Refusal> {
+        let (reason, holder) = match outcome {
+            Outcome::Created => {
+                self.counters.created(1);
+                self.index.accept(row);
+                return None;
+            }
+            Outcome::Present => {
+                self.counters.present(1);
+                self.index.accept(row);
+                return None;
+            }
+            Outcome::ConflictInInput => (Reason::ConflictInInput, None),
+            Outcome::Conflict { on_user, holder } => {
+                let reason = if self
+                    .index
+                    .accepted(&holder.user_id, &holder.stripe_customer_id)
+                {
+                    Reason::ConflictInInput
+                } else if on_user {
+                    Reason::UserAlreadyLinked
+                } else {
+                    Reason::CustomerAlreadyLinked
+                };
+                (reason, Some(holder))
+            }
+        };
+        let detail = match (reason, holder) {
+            (Reason::ConflictInInput, Some(_)) => {
+                "contradicts an earlier row of this input, imported or already present"
+            }
+            (Reason::ConflictInInput, None) => {
+                "contradicts an earlier row of this input (which a dry run did not write)"
+            }
+            (Reason::UserAlreadyLinked, _) => "the user is linked to another Stripe customer",
+            _ => "the Stripe customer is linked to another user",
+        };
+        Some(Refusal {
+            at: row.at,
+            user_id: row.user_id.to_string(),
+            stripe_customer_id: row.stripe_customer_id.to_string(),
+            reason,
+            existing: holder.map(|h| (h.user_id.clone(), h.stripe_customer_id.clone())),
+            detail: detail.to_owned(),
+        })
+    }
+
+    /// Logs the summary and chooses the exit status.
+    fn finish(mut self, ended: Result<(), Failure>, interrupted: bool) -> ExitCode {
+        let flushed = self.report.flush();
+        let counters = self.counters.snapshot();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let summary = format!(
+            "{} rows read, {} {}, {} already present, {} refused{} in {:.1} s ({:.0} rows/s)",
+            counters.read,
+            counters.created,
+            if self.dry_run {
+                "would be created"
+            } else {
+                "created"
+            },
+            counters.present,
+            counters.refused,
+            self.report
+                .path()
+                .map(|p| format!(" (reported in {})", p.display()))
+                .unwrap_or_default(),
+            seconds,
+            counters.read as f64 / seconds.max(1e-3),
+        );
+        let ended = ended.and(flushed.map_err(Failure::Source));
+        let then = if self.dry_run {
+            "a dry run writes nothing"
+        } else {
+            "what was counted as created is committed, and running the import again \
+             continues where it stopped"
+        };
+        let c = counters;
+        match ended {
+            Err(failure) => {
+                let (status, error) = match failure {
+                    Failure::Source(message) => (EXIT_BAD_SOURCE, message),
+                    Failure::Target(message) => (EXIT_TARGET_FAILED, message),
+                };
+                tracing::error!(
+                    run = %self.run_id, dry_run = self.dry_run, read = c.read,
+                    created = c.created, present = c.present, refused = c.refused,
+                    error, "import stopped: {summary}; {then}"
+                );
+                return ExitCode::from(status);
+            }
+            Ok(()) if interrupted => {
+                tracing::warn!(
+                    run = %self.run_id, dry_run = self.dry_run, read = c.read,
+                    created = c.created, present = c.present, refused = c.refused,
+                    "import interrupted: {summary}; {then}"
+                );
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            Ok(()) => tracing::info!(
+                run = %self.run_id, dry_run = self.dry_run, read = c.read,
+                created = c.created, present = c.present, refused = c.refused,
+                "import finished: {summary}"
+            ),
+        }
+        if counters.refused > 0 {
+            if self.report.path().is_none() {
+                tracing::warn!("rows were refused: run again with --report PATH to list them");
+            }
+            return ExitCode::from(EXIT_REFUSED);
+        }
+        ExitCode::SUCCESS
+    }
+}
+
+/// Rows to apply in one statement, no two sharing a user or a customer.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<Valid>,
+    /// Rows the reader refused, reported with the batch so that the report
+    /// follows the input's order.
+    refused: Vec<Refusal>,
+    keys: std::collections::HashSet<u64, index::PassThrough>,
+}
+
+impl Batch {
+    fn overlaps(&self, keys: index::Keys) -> bool {
+        self.keys.contains(&keys.user) || self.keys.contains(&keys.customer)
+    }
+
+    fn push(&mut self, row: Valid, keys: index::Keys) {
+        self.keys.insert(keys.user);
+        self.keys.insert(keys.customer);
+        self.rows.push(row);
+    }
+}
+
+/// A random token for one batch's rows (see `store::import`).
+fn batch_token() -> i64 {
+    let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
+    high as i64
+}
+
+/// What happened to one row.
+enum Outcome<'a> {
+    Created,
+    Present,
+    /// A dry run found it contradicting an earlier row of the input that is
+    /// not in the database.
+    ConflictInInput,
+    /// Another mapping holds the user (`on_user`) or the customer.
+    Conflict {
+        on_user: bool,
+        holder: &'a Model,
+    },
+}
+
+/// One attempt's rows, by key.
+struct Decided<'a> {
+    created: std::collections::HashSet<&'a str>,
+    by_user: std::collections::HashMap<&'a str, &'a Model>,
+    by_customer: std::collections::HashMap<&'a str, &'a Model>,
+}
+
+impl<'a> Decided<'a> {
+    fn new(created: &'a [Model], holders: &'a [Model]) -> Self {
+        Self {
+            created: created.iter().map(|m| m.user_id.as_str()).collect(),
+            by_user: holders.iter().map(|m| (m.user_id.as_str(), m)).collect(),
+            by_customer: holders
+                .iter()
+                .map(|m| (m.stripe_customer_id.as_str(), m))
+                .collect(),
+        }
+    }
+
+    /// Link's decision for `row`; `None` when the attempt saw no row
+    /// holding either key although it did not insert (the conflicting row
+    /// was committed during the statement, or already unlinked): no answer
+    /// is justified yet.
+    fn outcome(&self, row: &Valid, token: i64) -> Option<Outcome<'a>> {
+        let user = row.user_id.as_str();
+        if self.created.contains(user) {
+            return Some(Outcome::Created);
+        }
+        // The row holding the user decides first, as in Link.
+        if let Some(holder) = self.by_user.get(user) {
+            return Some(
+                if holder.stripe_customer_id == row.stripe_customer_id.as_str() {
+                    // This batch's own row, inserted by an attempt whose answer
+                    // was lost, is a creation.
+                    if holder.link_token == Some(token) {
+                        Outcome::Created
+                    } else {
+                        Outcome::Present
+                    }
+                } else {
+                    Outcome::Conflict {
+                        on_user: true,
+                        holder,
+                    }
+                },
+            );
+        }
+        self.by_customer
+            .get(row.stripe_customer_id.as_str())
+            .map(|holder| Outcome::Conflict {
+                on_user: false,
+                holder,
+            })
+    }
+}

@@ -1,0 +1,490 @@
+//! Where an import's rows come from: a CSV file, or the replaced
+//! application's own PostgreSQL table. Each source is checked when opened
+//! (header, table, columns), so a wrong argument fails before anything is
+//! written; then it is read in chunks on its own task, each row validated
+//! as Link validates its request.
+
+use std::{
+    fs::File,
+    io::BufReader,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sea_orm::sqlx::{self, ConnectOptions, Connection, PgConnection, postgres::PgConnectOptions};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use super::{Reason, Refusal, Row, Valid, progress::Position};
+use crate::{
+    config::ImportArgs,
+    mapping::{StripeCustomerId, UserId},
+};
+
+/// How long connecting to the source database may take.
+const SOURCE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the source may take to count its rows, or to send the next one.
+const SOURCE_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+const USER_ID: &str = "user_id";
+const STRIPE_CUSTOMER_ID: &str = "stripe_customer_id";
+const CREATED_AT: &str = "created_at";
+
+/// A chunk of rows, or why the source could not be read further.
+pub type Chunk = Result<Vec<Row>, String>;
+
+pub struct Source {
+    kind: Kind,
+    position: Arc<Position>,
+}
+
+enum Kind {
+    Csv {
+        path: PathBuf,
+        reader: csv::Reader<BufReader<File>>,
+        columns: CsvColumns,
+    },
+    Table {
+        name: String,
+        conn: PgConnection,
+        select: String,
+    },
+}
+
+/// Where each field is in a CSV record.
+struct CsvColumns {
+    user_id: usize,
+    stripe_customer_id: usize,
+    created_at: Option<usize>,
+    count: usize,
+}
+
+impl Source {
+    /// Opens and checks the source; the error is one line for the operator.
+    pub async fn open(args: &ImportArgs) -> Result<Self, String> {
+        let position = Arc::new(Position::default());
+        let kind = match (&args.csv, &args.from_database_url, &args.table) {
+            (Some(_), _, Some(_)) => {
+                return Err(
+                    "--table names a table of --from-database-url; give it or --csv".into(),
+                );
+            }
+            (Some(path), _, _) => open_csv(path.clone(), &position)?,
+            (None, Some(url), Some(table)) => {
+                open_table(url.expose_secret(), table, args, &position).await?
+            }
+            // clap requires a source, and a table with a database URL.
+            _ => return Err("give --csv PATH, or --from-database-url URL --table NAME".into()),
+        };
+        Ok(Self { kind, position })
+    }
+
+    /// What the report's first column is called.
+    pub fn position_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Csv { .. } => "line",
+            Kind::Table { .. } => "row",
+        }
+    }
+
+    /// The source, for the log (never a URL: it may hold a password).
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Csv { path, .. } => format!("CSV file {}", path.display()),
+            Kind::Table { name, .. } => format!("table {name} of the source database"),
+        }
+    }
+
+    pub fn position(&self) -> Arc<Position> {
+        self.position.clone()
+    }
+
+    /// Reads every row on a task of its own, sending chunks of up to
+    /// `rows` rows; stops when the receiver is gone.
+    pub fn spawn(self, rows: usize, tx: mpsc::Sender<Chunk>) -> tokio::task::JoinHandle<()> {
+        let position = self.position;
+        match self.kind {
+            Kind::Csv {
+                reader, columns, ..
+            } => tokio::task::spawn_blocking(move || {
+                read_csv(reader, &columns, rows, &tx, &position)
+            }),
+            Kind::Table { conn, select, .. } => {
+                tokio::spawn(read_table(conn, select, rows, tx, position))
+            }
+        }
+    }
+}
+
+fn open_csv(path: PathBuf, position: &Position) -> Result<Kind, String> {
+    let cannot = |why: String| format!("cannot read the CSV file {}: {why}", path.display());
+    let file = File::open(&path).map_err(|e| cannot(e.to_string()))?;
+    let total = file.metadata().map_err(|e| cannot(e.to_string()))?.len();
+    position.total.store(total, Relaxed);
+    let mut reader = csv::ReaderBuilder::new()
+        // A row with too few or too many fields is refused, not fatal.
+        .flexible(true)
+        .from_reader(BufReader::with_capacity(256 * 1024, file));
+    let header = reader.headers().map_err(|e| cannot(e.to_string()))?.clone();
+    let expected = "expected the header user_id,stripe_customer_id and optionally created_at";
+    if header.is_empty() || header.iter().all(str::is_empty) {
+        return Err(cannot(format!("it is empty; {expected}")));
+    }
+    let (mut user_id, mut stripe_customer_id, mut created_at) = (None, None, None);
+    for (i, name) in header.iter().enumerate() {
+        let slot = match name.trim_start_matches('\u{feff}').trim() {
+            USER_ID => &mut user_id,
+            STRIPE_CUSTOMER_ID => &mut stripe_customer_id,
+            CREATED_AT => &mut created_at,
+            other => return Err(cannot(format!("unexpected column \"{other}\"; {expected}"))),
+        };
+        if slot.replace(i).is_some() {
+            return Err(cannot(format!("the column \"{name}\" appears twice")));
+        }
+    }
+    let (Some(user_id), Some(stripe_customer_id)) = (user_id, stripe_customer_id) else {
+        return Err(cannot(format!(
+            "no user_id or stripe_customer_id column; {expected}"
+        )));
+    };
+    Ok(Kind::Csv {
+        path,
+        reader,
+        columns: CsvColumns {
+            user_id,
+            stripe_customer_id,
+            created_at,
+            count: header.len(),
+        },
+    })
+}
+
+fn read_csv(
+    mut reader: csv::Reader<BufReader<File>>,
+    columns: &CsvColumns,
+    rows: usize,
+    tx: &mpsc::Sender<Chunk>,
+    position: &Position,
+) {
+    let mut record = csv::ByteRecord::new();
+    let mut chunk = Vec::with_capacity(rows);
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(err) => {
+                let at = err.position().map_or(0, csv::Position::line);
+                let why = format!("the CSV file became unreadable at line {at}: {err}");
+                let _ = tx.blocking_send(Ok(std::mem::take(&mut chunk)));
+                let _ = tx.blocking_send(Err(why));
+                return;
+            }
+        }
+        let at = record.position().map_or(0, csv::Position::line);
+        let field = |i: usize| record.get(i).map(text).unwrap_or_default();
+        let row = if record.len() != columns.count {
+            Row::Refused(Refusal {
+                at,
+                user_id: field(columns.user_id).into_text(),
+                stripe_customer_id: field(columns.stripe_customer_id).into_text(),
+                reason: Reason::MalformedRow,
+                existing: None,
+                detail: format!(
+                    "has {} of the header's {} fields",
+                    record.len(),
+                    columns.count
+                ),
+            })
+        } else {
+            let created_at = match columns.created_at.map(field) {
+                None | Some(Text::Missing) => Ok(None),
+                Some(Text::Utf8(s)) if s.is_empty() => Ok(None),
+                Some(Text::Utf8(s)) => DateTime::parse_from_rfc3339(&s)
+                    .map(|t| Some(t.with_timezone(&Utc)))
+                    .map_err(|e| format!("not an RFC 3339 time ({e}): {s:?}")),
+                Some(Text::NotUtf8(s)) => Err(format!("not UTF-8: {s:?}")),
+            };
+            check(
+                at,
+                field(columns.user_id),
+                field(columns.stripe_customer_id),
+                created_at,
+            )
+        };
+        chunk.push(row);
+        if chunk.len() >= rows {
+            position
+                .done
+                .store(record.position().map_or(0, csv::Position::byte), Relaxed);
+            if tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
+                return;
+            }
+            chunk.reserve(rows);
+        }
+    }
+    position.done.store(position.total.load(Relaxed), Relaxed);
+    let _ = tx.blocking_send(Ok(chunk));
+}
+
+/// A field as read: UTF-8 or not (then shown lossily, and refused).
+#[derive(Debug, Default)]
+enum Text {
+    Utf8(String),
+    NotUtf8(String),
+    #[default]
+    Missing,
+}
+
+impl Text {
+    fn into_text(self) -> String {
+        match self {
+            Text::Utf8(s) | Text::NotUtf8(s) => s,
+            Text::Missing => String::new(),
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> Text {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Text::Utf8(s.to_owned()),
+        Err(_) => Text::NotUtf8(String::from_utf8_lossy(bytes).into_owned()),
+    }
+}
+
+/// Link's validation of one row.
+fn check(
+    at: u64,
+    user_id: Text,
+    stripe_customer_id: Text,
+    created_at: Result<Option<DateTime<Utc>>, String>,
+) -> Row {
+    let refuse = |reason, user_id: String, stripe_customer_id: String, detail: String| {
+        Row::Refused(Refusal {
+            at,
+            user_id,
+            stripe_customer_id,
+            reason,
+            existing: None,
+            detail,
+        })
+    };
+    let user = match user_id {
+        Text::Utf8(s) => UserId::parse(s.clone()).map_err(|e| (s, e.to_string())),
+        Text::NotUtf8(s) => Err((s, "must be UTF-8".to_owned())),
+        Text::Missing => Err((String::new(), "is missing (NULL)".to_owned())),
+    };
+    let customer = match stripe_customer_id {
+        Text::Utf8(s) => StripeCustomerId::parse(s.clone()).map_err(|e| (s, e.to_string())),
+        Text::NotUtf8(s) => Err((s, "must be UTF-8".to_owned())),
+        Text::Missing => Err((String::new(), "is missing (NULL)".to_owned())),
+    };
+    match (user, customer, created_at) {
+        (Err((user, why)), customer, _) => refuse(
+            Reason::InvalidUserId,
+            user,
+            customer.map_or_else(|(s, _)| s, String::from),
+            format!("user_id {why}"),
+        ),
+        (Ok(user), Err((customer, why)), _) => refuse(
+            Reason::InvalidStripeCustomerId,
+            user.into(),
+            customer,
+            format!("stripe_customer_id {why}"),
+        ),
+        (Ok(user), Ok(customer), Err(why)) => refuse(
+            Reason::InvalidCreatedAt,
+            user.into(),
+            customer.into(),
+            format!("created_at is {why}"),
+        ),
+        (Ok(user_id), Ok(stripe_customer_id), Ok(created_at)) => Row::Valid(Valid {
+            at,
+            user_id,
+            stripe_customer_id,
+            // PostgreSQL keeps microseconds.
+            created_at: created_at.map(|t| t.trunc_subsecs(6)),
+        }),
+    }
+}
+
+async fn open_table(
+    url: &str,
+    table: &str,
+    args: &ImportArgs,
+    position: &Position,
+) -> Result<Kind, String> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|_| "--from-database-url is not a PostgreSQL connection URL".to_owned())?;
+    let options = options.disable_statement_logging();
+    let failed = |what: &str, err: &dyn std::fmt::Display| {
+        format!("cannot read the source database ({what}): {err}")
+    };
+    let mut conn = tokio::time::timeout(SOURCE_CONNECT_TIMEOUT, options.connect())
+        .await
+        .map_err(|_| failed("connecting", &"no answer in time"))?
+        .map_err(|e| failed("connecting", &e))?;
+    let bounded = SOURCE_READ_TIMEOUT;
+    // One snapshot for the count and the rows; timestamps without a time
+    // zone are read as UTC.
+    for setup in [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        "SET LOCAL TIME ZONE 'UTC'",
+    ] {
+        tokio::time::timeout(
+            bounded,
+            sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut conn),
+        )
+        .await
+        .map_err(|_| failed("starting a read", &"no answer in time"))?
+        .map_err(|e| failed("starting a read", &e))?;
+    }
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    };
+    let columns: Vec<(String,)> = tokio::time::timeout(
+        bounded,
+        sqlx::query_as(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = COALESCE($1, current_schema()) AND table_name = $2 \
+             ORDER BY ordinal_position",
+        )
+        .bind(schema)
+        .bind(name)
+        .fetch_all(&mut conn),
+    )
+    .await
+    .map_err(|_| failed("reading the table's columns", &"no answer in time"))?
+    .map_err(|e| failed("reading the table's columns", &e))?;
+    let columns: Vec<String> = columns.into_iter().map(|(c,)| c).collect();
+    if columns.is_empty() {
+        return Err(format!(
+            "the source database has no table {table} (or this user may not read it)"
+        ));
+    }
+    let has = |c: &str| columns.iter().any(|have| have == c);
+    for (flag, column) in [
+        ("--user-column", args.user_column.as_str()),
+        ("--customer-column", args.customer_column.as_str()),
+    ]
+    .into_iter()
+    .chain(
+        args.created_at_column
+            .as_deref()
+            .map(|c| ("--created-at-column", c)),
+    ) {
+        if !has(column) {
+            return Err(format!(
+                "the table {table} has no column \"{column}\" ({flag}); its columns are {}",
+                columns.join(", ")
+            ));
+        }
+    }
+    let created_at = args
+        .created_at_column
+        .clone()
+        .or_else(|| has(CREATED_AT).then(|| CREATED_AT.to_owned()));
+    let quoted = quote_table(schema, name);
+    let (user, customer) = (quote(&args.user_column), quote(&args.customer_column));
+    // Oldest first when the table says when: of two rows that contradict
+    // each other, the earlier mapping is imported and the later refused.
+    let select = match created_at.as_deref().map(quote) {
+        Some(created) => format!(
+            "SELECT {user}::text, {customer}::text, {created}::timestamptz FROM {quoted} \
+             ORDER BY {created} NULLS LAST, {user}, {customer}"
+        ),
+        None => format!(
+            "SELECT {user}::text, {customer}::text, NULL::timestamptz FROM {quoted} \
+             ORDER BY {user}, {customer}"
+        ),
+    };
+    let count: (i64,) = tokio::time::timeout(
+        bounded,
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {quoted}"
+        )))
+        .fetch_one(&mut conn),
+    )
+    .await
+    .map_err(|_| failed("counting the rows", &"no answer in time"))?
+    .map_err(|e| failed("counting the rows", &e))?;
+    position
+        .total
+        .store(u64::try_from(count.0).unwrap_or(0), Relaxed);
+    Ok(Kind::Table {
+        name: table.to_owned(),
+        conn,
+        select,
+    })
+}
+
+/// An identifier, quoted for PostgreSQL: whatever the operator typed is a
+/// name, never SQL.
+fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+fn quote_table(schema: Option<&str>, name: &str) -> String {
+    match schema {
+        Some(schema) => format!("{}.{}", quote(schema), quote(name)),
+        None => quote(name),
+    }
+}
+
+async fn read_table(
+    mut conn: PgConnection,
+    select: String,
+    rows: usize,
+    tx: mpsc::Sender<Chunk>,
+    position: Arc<Position>,
+) {
+    type SourceRow = (Option<String>, Option<String>, Option<DateTime<Utc>>);
+    let mut n: u64 = 0;
+    let mut chunk = Vec::with_capacity(rows);
+    let mut stream = sqlx::query_as::<_, SourceRow>(sqlx::AssertSqlSafe(select)).fetch(&mut conn);
+    loop {
+        let failed = match tokio::time::timeout(SOURCE_READ_TIMEOUT, stream.next()).await {
+            Ok(next) => match next.transpose() {
+                Ok(next) => Ok(next),
+                Err(err) => Err(format!("cannot read the source table: {err}")),
+            },
+            Err(_) => Err("the source database stopped answering".to_owned()),
+        };
+        let next = match failed {
+            Ok(next) => next,
+            Err(why) => {
+                // Rows read before the failure are imported.
+                let _ = tx.send(Ok(std::mem::take(&mut chunk))).await;
+                let _ = tx.send(Err(why)).await;
+                return;
+            }
+        };
+        let Some((user_id, stripe_customer_id, created_at)) = next else {
+            break;
+        };
+        n += 1;
+        let text = |v: Option<String>| v.map_or(Text::Missing, Text::Utf8);
+        chunk.push(check(
+            n,
+            text(user_id),
+            text(stripe_customer_id),
+            Ok(created_at),
+        ));
+        if chunk.len() >= rows {
+            position.done.store(n, Relaxed);
+            if tx.send(Ok(std::mem::take(&mut chunk))).await.is_err() {
+                return;
+            }
+            chunk.reserve(rows);
+        }
+    }
+    drop(stream);
+    position
+        .done
+        .store(position.total.load(Relaxed).max(n), Relaxed);
+    let _ = tx.send(Ok(chunk)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
+}

@@ -1,0 +1,850 @@
+//! `customer-mapping import`, run as the built binary against the database
+//! of a serving test server: Link's rules row by row, a report with every
+//! refusal reason, dry runs, re-runs, the replaced application's own table
+//! as a source, bad arguments, SIGINT mid-way, and Links through the
+//! server while an import runs.
+
+use crate::helpers;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use customer_mapping::proto::mapping_event::Kind;
+use futures::StreamExt;
+use helpers::{
+    Backend, TestApp, TestDatabase,
+    bulk::{events_all, pair, user},
+    pg,
+    process::BINARY,
+};
+use sea_orm::{ConnectionTrait, Database, Statement};
+
+on_both_databases!(
+    every_row_gets_links_rules_and_every_refusal_is_reported,
+    a_second_run_creates_nothing_and_refuses_the_same_rows,
+    a_dry_run_reports_the_same_and_writes_nothing,
+    the_replaced_applications_table_is_read_directly,
+    links_through_the_server_during_an_import_are_arbitrated_by_the_same_constraints,
+);
+
+/// How long one import in these tests may take.
+const IMPORT_LIMIT: Duration = Duration::from_secs(60);
+
+/// A CSV with one row of every kind, for a database where `user-taken` is
+/// linked to `cus_T1`, `user-T2` to `cus_taken` and `user-same` to
+/// `cus_same` before the import.
+const EVERY_KIND: &str = "\
+user_id,stripe_customer_id,created_at
+user-1,cus_A1,2020-01-02T03:04:05.123456Z
+user-2,cus_A2,
+user-1,cus_A1,
+user-same,cus_same,
+user-taken,cus_B1,
+user-3,cus_taken,
+user-1,cus_B2,
+user-4,cus_A2,
+bad user,cus_B3,
+user-5,cus_bad-id,
+user-6,cus_B4,yesterday
+user-7
+";
+
+/// The report of [`EVERY_KIND`]: `(line, user, customer, reason, existing
+/// user, existing customer)`.
+const EVERY_KIND_REFUSED: [(&str, &str, &str, &str, &str, &str); 8] = [
+    (
+        "6",
+        "user-taken",
+        "cus_B1",
+        "USER_ALREADY_LINKED",
+        "user-taken",
+        "cus_T1",
+    ),
+    (
+        "7",
+        "user-3",
+        "cus_taken",
+        "CUSTOMER_ALREADY_LINKED",
+        "user-T2",
+        "cus_taken",
+    ),
+    (
+        "8",
+        "user-1",
+        "cus_B2",
+        "CONFLICT_IN_INPUT",
+        "user-1",
+        "cus_A1",
+    ),
+    (
+        "9",
+        "user-4",
+        "cus_A2",
+        "CONFLICT_IN_INPUT",
+        "user-2",
+        "cus_A2",
+    ),
+    ("10", "bad user", "cus_B3", "INVALID_USER_ID", "", ""),
+    (
+        "11",
+        "user-5",
+        "cus_bad-id",
+        "INVALID_STRIPE_CUSTOMER_ID",
+        "",
+        "",
+    ),
+    ("12", "user-6", "cus_B4", "INVALID_CREATED_AT", "", ""),
+    ("13", "user-7", "", "MALFORMED_ROW", "", ""),
+];
+
+/// What one run of `customer-mapping import` did.
+struct Run {
+    code: i32,
+    /// Its JSON log events.
+    events: Vec<serde_json::Value>,
+}
+
+impl Run {
+    /// The summary line's counts: read, created, present, refused.
+    fn counts(&self) -> (u64, u64, u64, u64) {
+        let summary = self
+            .events
+            .iter()
+            .rev()
+            .find(|e| e["created"].is_u64())
+            .unwrap_or_else(|| panic!("no summary line in {:?}", self.events));
+        let n = |field: &str| summary[field].as_u64().expect("a count");
+        (n("read"), n("created"), n("present"), n("refused"))
+    }
+}
+
+/// The import as a child process with JSON logs, read line by line.
+struct ImportProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    events: Vec<serde_json::Value>,
+}
+
+impl ImportProcess {
+    fn start(database_url: &str, args: &[&str], rust_log: &str) -> Self {
+        let mut child = Command::new(BINARY)
+            .arg("import")
+            .args(args)
+            .env("DATABASE_URL", database_url)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            events: Vec::new(),
+        }
+    }
+
+    /// Reads lines until a JSON event matches `wanted` (at most 30 s).
+    fn wait_for(&mut self, wanted: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no such event; so far: {:?}", self.events));
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                self.events.push(serde_json::Value::String(line));
+                continue;
+            };
+            self.events.push(event.clone());
+            if wanted(&event) {
+                return event;
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    }
+
+    /// Waits for the exit (bounded) and every line printed.
+    fn finish(mut self) -> Run {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < IMPORT_LIMIT,
+                "the import did not exit within {IMPORT_LIMIT:?}; so far: {:?}",
+                self.events
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The readers end with the pipes, once the process is gone.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.events
+                .push(serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line)));
+        }
+        Run {
+            code: status.code().unwrap_or(-1),
+            events: self.events,
+        }
+    }
+}
+
+/// Runs `customer-mapping import ARGS` to the end.
+async fn import(database_url: &str, args: &[&str]) -> Run {
+    let (url, args): (String, Vec<String>) = (
+        database_url.to_owned(),
+        args.iter().map(|a| (*a).to_owned()).collect(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ImportProcess::start(&url, &args, "info").finish()
+    })
+    .await
+    .expect("the import ran")
+}
+
+fn write_csv(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).expect("the CSV is written");
+    path
+}
+
+/// The report's rows, header first.
+fn read_report(path: &Path) -> Vec<Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(path)
+        .expect("the report exists");
+    reader
+        .records()
+        .map(|r| r.expect("a CSV record").iter().map(str::to_owned).collect())
+        .collect()
+}
+
+fn report_rows(path: &Path) -> Vec<(String, String, String, String, String, String)> {
+    let rows = read_report(path);
+    assert_eq!(
+        rows[0],
+        [
+            "line",
+            "user_id",
+            "stripe_customer_id",
+            "reason",
+            "existing_user_id",
+            "existing_stripe_customer_id",
+            "detail"
+        ]
+    );
+    rows[1..]
+        .iter()
+        .map(|r| {
+            assert!(!r[6].is_empty(), "every refusal says why: {r:?}");
+            (
+                r[0].clone(),
+                r[1].clone(),
+                r[2].clone(),
+                r[3].clone(),
+                r[4].clone(),
+                r[5].clone(),
+            )
+        })
+        .collect()
+}
+
+fn expected(
+    rows: &[(&str, &str, &str, &str, &str, &str)],
+) -> Vec<(String, String, String, String, String, String)> {
+    rows.iter()
+        .map(|(a, b, c, d, e, f)| {
+            (
+                (*a).into(),
+                (*b).into(),
+                (*c).into(),
+                (*d).into(),
+                (*e).into(),
+                (*f).into(),
+            )
+        })
+        .collect()
+}
+
+async fn link_the_existing_mappings(app: &TestApp) {
+    for (u, c) in [
+        ("user-taken", "cus_T1"),
+        ("user-T2", "cus_taken"),
+        ("user-same", "cus_same"),
+    ] {
+        assert!(app.link(u, c).await.expect("Link").created);
+    }
+}
+
+fn sorted(rows: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut rows = rows;
+    rows.sort();
+    rows
+}
+
+async fn every_row_gets_links_rules_and_every_refusal_is_reported(app: TestApp) {
+    link_the_existing_mappings(&app).await;
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(dir.path(), "in.csv", EVERY_KIND);
+    let report = dir.path().join("report.csv");
+
+    let run = import(
+        &app.database.url,
+        &[
+            "--csv",
+            csv.to_str().expect("a path"),
+            "--report",
+            report.to_str().expect("a path"),
+        ],
+    )
+    .await;
+
+    assert_eq!(run.code, 1, "rows were refused: {:?}", run.events);
+    assert_eq!(run.counts(), (12, 2, 2, 8));
+    assert_eq!(report_rows(&report), expected(&EVERY_KIND_REFUSED));
+    // Through the serving server: the source's time is kept.
+    let imported = app.get_by_user("user-1").await.expect("Get");
+    assert_eq!(imported.stripe_customer_id, "cus_A1");
+    assert_eq!(
+        imported.create_time.map(|t| (t.seconds, t.nanos)),
+        Some((1_577_934_245, 123_456_000))
+    );
+    assert_eq!(
+        app.get_by_user("user-2")
+            .await
+            .expect("Get")
+            .stripe_customer_id,
+        "cus_A2"
+    );
+    assert_eq!(
+        sorted(app.rows().await),
+        sorted(
+            [
+                ("user-1", "cus_A1"),
+                ("user-2", "cus_A2"),
+                ("user-T2", "cus_taken"),
+                ("user-same", "cus_same"),
+                ("user-taken", "cus_T1"),
+            ]
+            .map(|(u, c)| (u.to_owned(), c.to_owned()))
+            .to_vec()
+        ),
+        "nothing refused was written, nothing existing overwritten"
+    );
+    // One event per created mapping, by `import`, named by the run.
+    let events = events_all(&mut app.client.clone(), Some(user("user-1")), 0).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind(), Kind::Linked);
+    assert_eq!(events[0].caller, "import");
+    assert!(events[0].request_id.starts_with("import-"), "{events:?}");
+    assert_eq!(
+        events[0].mapping.as_ref().map(pair),
+        Some(("user-1".into(), "cus_A1".into()))
+    );
+    let all = events_all(&mut app.client.clone(), None, 0).await;
+    assert_eq!(all.iter().filter(|e| e.caller == "import").count(), 2);
+}
+
+async fn a_second_run_creates_nothing_and_refuses_the_same_rows(app: TestApp) {
+    link_the_existing_mappings(&app).await;
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(dir.path(), "in.csv", EVERY_KIND);
+    let (first, second) = (dir.path().join("1.csv"), dir.path().join("2.csv"));
+    let args = |report: &Path| {
+        vec![
+            "--csv".to_owned(),
+            csv.display().to_string(),
+            "--report".to_owned(),
+            report.display().to_string(),
+        ]
+    };
+    let first_args = args(&first);
+    let run = import(
+        &app.database.url,
+        &first_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(run.counts(), (12, 2, 2, 8));
+    let rows = sorted(app.rows().await);
+    let events = events_all(&mut app.client.clone(), None, 0).await;
+
+    let second_args = args(&second);
+    let again = import(
+        &app.database.url,
+        &second_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+
+    assert_eq!(again.code, 1);
+    assert_eq!(
+        again.counts(),
+        (12, 0, 4, 8),
+        "the created rows are present now"
+    );
+    assert_eq!(
+        read_report(&second),
+        read_report(&first),
+        "the same refusals"
+    );
+    assert_eq!(sorted(app.rows().await), rows);
+    assert_eq!(events_all(&mut app.client.clone(), None, 0).await, events);
+}
+
+async fn a_dry_run_reports_the_same_and_writes_nothing(app: TestApp) {
+    link_the_existing_mappings(&app).await;
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(dir.path(), "in.csv", EVERY_KIND);
+    let (dry, real) = (dir.path().join("dry.csv"), dir.path().join("real.csv"));
+    let rows = sorted(app.rows().await);
+    let events = events_all(&mut app.client.clone(), None, 0).await;
+
+    let run = import(
+        &app.database.url,
+        &[
+            "--dry-run",
+            "--csv",
+            csv.to_str().expect("a path"),
+            "--report",
+            dry.to_str().expect("a path"),
+        ],
+    )
+    .await;
+
+    assert_eq!(run.code, 1);
+    assert_eq!(run.counts(), (12, 2, 2, 8));
+    assert_eq!(
+        sorted(app.rows().await),
+        rows,
+        "a dry run writes no mapping"
+    );
+    assert_eq!(events_all(&mut app.client.clone(), None, 0).await, events);
+    let real_run = import(
+        &app.database.url,
+        &[
+            "--csv",
+            csv.to_str().expect("a path"),
+            "--report",
+            real.to_str().expect("a path"),
+        ],
+    )
+    .await;
+    assert_eq!(real_run.counts(), run.counts());
+    // The same rows, for the same reasons; a dry run cannot name a mapping
+    // it did not write.
+    let reasons = |rows: Vec<(String, String, String, String, String, String)>| {
+        rows.into_iter()
+            .map(|(line, _, _, reason, _, _)| (line, reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reasons(report_rows(&dry)), reasons(report_rows(&real)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_needs_no_migrated_database_and_creates_no_table() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let database = TestDatabase::create(backend).await;
+        let dir = tempfile::tempdir().expect("a directory");
+        let csv = write_csv(dir.path(), "in.csv", EVERY_KIND);
+
+        let run = import(
+            &database.url,
+            &["--dry-run", "--csv", csv.to_str().expect("a path")],
+        )
+        .await;
+
+        assert_eq!(run.code, 1, "{backend:?}: {:?}", run.events);
+        // No existing mappings: the `taken` rows are created, the in-input
+        // conflicts are still found.
+        assert_eq!(run.counts(), (12, 5, 1, 6), "{backend:?}");
+        let db = Database::connect(&database.url).await.expect("connects");
+        let tables = match backend {
+            Backend::Postgres => {
+                "SELECT count(*) AS n FROM information_schema.tables WHERE table_schema = 'public'"
+            }
+            Backend::Sqlite => "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table'",
+        };
+        assert_eq!(
+            pg::count(&db, tables).await,
+            0,
+            "{backend:?}: no table created"
+        );
+        db.close().await.expect("closes");
+    }
+}
+
+/// The replaced application's database, with the seed's table:
+/// `stripe_customers (user_id, stripe_customer_id)`, plus a time column.
+async fn old_application_database(with_time: bool) -> TestDatabase {
+    let source = TestDatabase::create(Backend::Postgres).await;
+    let db = Database::connect(&source.url).await.expect("connects");
+    let time_column = if with_time {
+        ", inserted_at timestamp"
+    } else {
+        ""
+    };
+    db.execute_unprepared(&format!(
+        "CREATE TABLE stripe_customers (user_id TEXT PRIMARY KEY, stripe_customer_id TEXT{time_column})"
+    ))
+    .await
+    .expect("the old table");
+    // The race this service ends left two users on one customer.
+    let rows = if with_time {
+        "('user-1', 'cus_A1', '2019-05-05 10:00:00'), ('user-2', 'cus_A1', '2019-05-04 09:00:00'), \
+         ('user-3', 'cus_A3', NULL), ('user-4', NULL, NULL)"
+    } else {
+        "('user-1', 'cus_A1'), ('user-2', 'cus_A1'), ('user-3', 'cus_A3'), ('user-4', NULL)"
+    };
+    db.execute_unprepared(&format!("INSERT INTO stripe_customers VALUES {rows}"))
+        .await
+        .expect("the old rows");
+    db.close().await.expect("closes");
+    source
+}
+
+async fn the_replaced_applications_table_is_read_directly(app: TestApp) {
+    let dir = tempfile::tempdir().expect("a directory");
+    let report = dir.path().join("report.csv");
+    let source = old_application_database(false).await;
+
+    let run = import(
+        &app.database.url,
+        &[
+            "--from-database-url",
+            &source.url,
+            "--table",
+            "stripe_customers",
+            "--report",
+            report.to_str().expect("a path"),
+        ],
+    )
+    .await;
+
+    assert_eq!(run.code, 1, "{:?}", run.events);
+    assert_eq!(run.counts(), (4, 2, 0, 2));
+    let rows = read_report(&report);
+    assert_eq!(
+        rows[0][0], "row",
+        "a table's rows are numbered in read order"
+    );
+    // Without a time, rows are read by user: user-1 wins cus_A1.
+    let refused: Vec<(&str, &str, &str)> = rows[1..]
+        .iter()
+        .map(|r| (r[1].as_str(), r[3].as_str(), r[4].as_str()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("user-2", "CONFLICT_IN_INPUT", "user-1"),
+            ("user-4", "INVALID_STRIPE_CUSTOMER_ID", "")
+        ]
+    );
+    assert_eq!(
+        sorted(app.rows().await),
+        [("user-1", "cus_A1"), ("user-3", "cus_A3")].map(|(u, c)| (u.to_owned(), c.to_owned()))
+    );
+
+    // With a time column, named: the older mapping wins, and keeps its time.
+    let timed = old_application_database(true).await;
+    let target = TestDatabase::create(app.backend).await;
+    let run = import(
+        &target.url,
+        &[
+            "--from-database-url",
+            &timed.url,
+            "--table",
+            "public.stripe_customers",
+            "--created-at-column",
+            "inserted_at",
+        ],
+    )
+    .await;
+    assert_eq!(run.counts(), (4, 2, 0, 2), "{:?}", run.events);
+    let db = Database::connect(&target.url).await.expect("connects");
+    let rows = helpers::read_rows(&db).await;
+    assert!(
+        rows.contains(&("user-2".into(), "cus_A1".into())),
+        "{rows:?}"
+    );
+    let created = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT created_at FROM stripe_customers WHERE user_id = 'user-2'",
+        ))
+        .await
+        .expect("reads")
+        .expect("a row")
+        .try_get::<chrono::DateTime<chrono::Utc>>("", "created_at")
+        .expect("a time");
+    assert_eq!(created.to_rfc3339(), "2019-05-04T09:00:00+00:00");
+    db.close().await.expect("closes");
+}
+
+async fn links_through_the_server_during_an_import_are_arbitrated_by_the_same_constraints(
+    app: TestApp,
+) {
+    const ROWS: usize = 2_000;
+    let dir = tempfile::tempdir().expect("a directory");
+    let mut content = String::from("user_id,stripe_customer_id\n");
+    for i in 0..ROWS {
+        content.push_str(&format!("user-{i},cus_{i}\n"));
+    }
+    let csv = write_csv(dir.path(), "in.csv", &content);
+    let report = dir.path().join("report.csv");
+    let args = [
+        "--csv".to_owned(),
+        csv.display().to_string(),
+        "--report".to_owned(),
+        report.display().to_string(),
+        "--batch-rows".to_owned(),
+        "100".to_owned(),
+    ];
+    let url = app.database.url.clone();
+    let importing = tokio::spawn(async move {
+        import(&url, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    });
+    // Meanwhile, callers link every third user to another customer, and
+    // every fifth to its own.
+    let client = app.client.clone();
+    let linked: HashMap<usize, (String, Result<bool, tonic::Code>)> =
+        futures::stream::iter((0..ROWS).filter(|i| i % 3 == 0 || i % 5 == 0))
+            .map(|i| {
+                let mut client = client.clone();
+                async move {
+                    let customer = if i % 3 == 0 {
+                        format!("cus_X{i}")
+                    } else {
+                        format!("cus_{i}")
+                    };
+                    let answer = helpers::link(&mut client, &format!("user-{i}"), &customer).await;
+                    (
+                        i,
+                        (customer, answer.map(|r| r.created).map_err(|s| s.code())),
+                    )
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+    let run = importing.await.expect("the import task");
+
+    let table: BTreeMap<String, String> = app.rows().await.into_iter().collect();
+    assert_eq!(table.len(), ROWS, "every user ends up linked, once");
+    let refused: HashMap<String, (String, String)> = read_report(&report)[1..]
+        .iter()
+        .map(|r| (r[1].clone(), (r[3].clone(), r[5].clone())))
+        .collect();
+    let (mut created_by_link, mut created_by_import) = (0, 0);
+    for i in 0..ROWS {
+        let user = format!("user-{i}");
+        let held = &table[&user];
+        match linked.get(&i) {
+            // The Link's answer is the truth the table shows.
+            Some((customer, Ok(created))) => {
+                assert_eq!(held, customer, "{user}");
+                created_by_link += usize::from(*created);
+            }
+            Some((customer, Err(code))) => {
+                assert_eq!(*code, tonic::Code::AlreadyExists, "{user}");
+                assert_ne!(held, customer, "{user}");
+            }
+            None => {}
+        }
+        // The import's row was imported exactly when the table holds it,
+        // and refused naming the mapping that holds the user otherwise.
+        if *held == format!("cus_{i}") {
+            assert!(!refused.contains_key(&user), "{user}");
+        } else {
+            assert_eq!(
+                refused.get(&user),
+                Some(&("USER_ALREADY_LINKED".to_owned(), held.clone())),
+                "{user}"
+            );
+        }
+    }
+    let (read, created, present, refused_count) = run.counts();
+    created_by_import += created;
+    assert_eq!(read, ROWS as u64);
+    assert_eq!(refused_count as usize, refused.len());
+    assert_eq!(created + present + refused_count, ROWS as u64);
+    // One event per creation, whoever made it.
+    let events = events_all(&mut app.client.clone(), None, 1000).await;
+    assert_eq!(events.len(), created_by_link + created_by_import as usize);
+    assert_eq!(
+        events.iter().filter(|e| e.caller == "import").count() as u64,
+        created
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_mid_way_loses_nothing_reported_as_imported() {
+    const ROWS: usize = 1_000;
+    let app = helpers::spawn_app(Backend::Postgres).await;
+    let dir = tempfile::tempdir().expect("a directory");
+    let mut content = String::from("user_id,stripe_customer_id\n");
+    for i in 0..ROWS {
+        content.push_str(&format!("user-{i},cus_{i}\n"));
+    }
+    let csv = write_csv(dir.path(), "in.csv", &content);
+    let db = app.db().await;
+    // The table locked, the first batch waits inside the database: the
+    // interrupt arrives while a batch is in flight.
+    let lock = pg::lock_table(&db).await;
+    let csv_arg = csv.display().to_string();
+    let url = app.database.url.clone();
+    let mut process = tokio::task::spawn_blocking(move || {
+        ImportProcess::start(
+            &url,
+            &["--csv", &csv_arg, "--batch-rows", "100"],
+            "info,customer_mapping::import=debug",
+        )
+    })
+    .await
+    .expect("started");
+    let watcher = Database::connect(&app.database.url)
+        .await
+        .expect("connects");
+    pg::wait_until_sessions_wait_on_a_lock(&watcher, 1).await;
+    process.signal("-INT");
+    let mut process = tokio::task::spawn_blocking(move || {
+        process.wait_for(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("interrupted"))
+        });
+        process
+    })
+    .await
+    .expect("the interrupt was seen");
+    lock.commit().await.expect("unlock");
+    let run = tokio::task::spawn_blocking(move || {
+        process.wait_for(|e| e["level"] == "WARN" && e["created"].is_u64());
+        process.finish()
+    })
+    .await
+    .expect("finished");
+
+    assert_eq!(run.code, 130, "{:?}", run.events);
+    let (read, created, _, _) = run.counts();
+    assert_eq!(
+        created, 100,
+        "the batch in flight finished, and no other began"
+    );
+    assert_eq!(read, 100);
+    assert_eq!(pg::rows_in_table(&db).await, 100);
+    assert_eq!(
+        pg::count(&db, "SELECT count(*) AS n FROM mapping_events").await,
+        100
+    );
+
+    let again = import(&app.database.url, &["--csv", &csv.display().to_string()]).await;
+    assert_eq!(again.code, 0, "{:?}", again.events);
+    assert_eq!(
+        again.counts(),
+        (ROWS as u64, ROWS as u64 - 100, 100, 0),
+        "the second run continues where the first stopped"
+    );
+    assert_eq!(pg::rows_in_table(&db).await, ROWS as i64);
+    db.close().await.expect("closes");
+    watcher.close().await.expect("closes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_and_unreadable_sources_exit_2_with_one_line() {
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().expect("a directory");
+    let wrong_header = write_csv(dir.path(), "h.csv", "user,customer\nu,cus_1\n");
+    let empty = write_csv(dir.path(), "e.csv", "");
+    let good = write_csv(dir.path(), "g.csv", "user_id,stripe_customer_id\nu,cus_1\n");
+    let (wrong_header, empty, good) = (
+        wrong_header.display().to_string(),
+        empty.display().to_string(),
+        good.display().to_string(),
+    );
+    let missing = dir.path().join("missing.csv").display().to_string();
+    let unwritable = dir.path().join("no/such/dir/r.csv").display().to_string();
+    let cases: [(&[&str], &str); 8] = [
+        (&[], "--csv"),
+        (&["--csv", &missing], "cannot read the CSV file"),
+        (&["--csv", &wrong_header], "unexpected column \\\"user\\\""),
+        (&["--csv", &empty], "it is empty"),
+        (&["--csv", &good, "--table", "t"], "--table"),
+        (
+            &[
+                "--csv",
+                &good,
+                "--from-database-url",
+                "postgres://h/d",
+                "--table",
+                "t",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["--from-database-url", "mysql://h/d", "--table", "t"],
+            "postgres://",
+        ),
+        (
+            &["--csv", &good, "--report", &unwritable],
+            "cannot write the report",
+        ),
+    ];
+    for (args, says) in cases {
+        let output = Command::new(BINARY)
+            .arg("import")
+            .args(args)
+            .env("DATABASE_URL", &database.url)
+            .env("LOG_FORMAT", "json")
+            .env_remove("IMPORT_FROM_DATABASE_URL")
+            .output()
+            .expect("the binary runs");
+        let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {printed}");
+        let lines: Vec<&str> = printed
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.starts_with("customer-mapping:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line in {printed}");
+        assert!(lines[0].contains(says), "{args:?}: {}", lines[0]);
+    }
+    // Nothing was written: not even the schema.
+    let db = Database::connect(&database.url).await.expect("connects");
+    assert_eq!(
+        pg::count(
+            &db,
+            "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'stripe_customers'"
+        )
+        .await,
+        0
+    );
+    db.close().await.expect("closes");
+}
