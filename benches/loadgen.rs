@@ -12,6 +12,12 @@
 //!     cargo bench --bench loadgen -- --help
 //!     cargo bench --bench loadgen -- --database postgres --in-flight 32
 //!     cargo bench --bench loadgen -- --smoke          # a few seconds, CI
+//!     cargo bench --bench loadgen -- --import-rows 1000000
+//!
+//! `--import-rows N` measures `customer-mapping import` instead: a generated
+//! CSV of N rows into an empty database (all created), the same file again
+//! (all present), and a dry run, each with its wall time and the import
+//! process's peak RSS.
 //!
 //! The ceilings: one prepared `SELECT ... WHERE key = $1` for get, and one
 //! autocommit `INSERT ... ON CONFLICT DO NOTHING RETURNING` for every Link
@@ -179,6 +185,10 @@ struct Args {
     /// this build's.
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
+    /// Measure `customer-mapping import` of a generated CSV of this many
+    /// rows instead of the load scenarios.
+    #[arg(long)]
+    import_rows: Option<u64>,
     /// A few seconds of everything, small: proves the tool works (CI).
     #[arg(long)]
     smoke: bool,
@@ -301,10 +311,88 @@ async fn main() -> anyhow::Result<()> {
             "sql c/s/d"
         );
     }
+    if let Some(rows) = args.import_rows {
+        for &db in &args.database {
+            run_import(db, rows).await?;
+        }
+        return Ok(());
+    }
     for &db in &args.database {
         run_database(db, &args).await?;
     }
+    if args.smoke {
+        for &db in &args.database {
+            run_import(db, 1000).await?;
+        }
+    }
     Ok(())
+}
+
+/// `customer-mapping import` of `rows` generated rows into a fresh
+/// database: all new, then all present, then a dry run.
+async fn run_import(db: Db, rows: u64) -> anyhow::Result<()> {
+    let database = TestDatabase::create(match db {
+        Db::Postgres => Backend::Postgres,
+        Db::Sqlite => Backend::Sqlite,
+    })
+    .await;
+    let url = without_tls(db, &database.url)?;
+    let csv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("import-{rows}.csv"));
+    if !csv.exists() {
+        let partial = csv.with_extension("partial");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+        use std::io::Write as _;
+        writeln!(out, "user_id,stripe_customer_id,created_at")?;
+        for i in 0..rows {
+            writeln!(out, "user-{i:08},cus_{i:08}x,2024-01-01T00:00:00Z")?;
+        }
+        out.flush()?;
+        std::fs::rename(&partial, &csv)?;
+    }
+    for (pass, extra) in [
+        ("all new", None),
+        ("all present", None),
+        ("dry run", Some("--dry-run")),
+    ] {
+        let started = Instant::now();
+        let child = std::process::Command::new(helpers::process::BINARY)
+            .arg("import")
+            .arg("--csv")
+            .arg(&csv)
+            .args(extra)
+            .env("DATABASE_URL", &url)
+            .env("LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let (code, peak_kib) =
+            tokio::task::spawn_blocking(move || wait_with_peak_rss(child)).await??;
+        let seconds = started.elapsed().as_secs_f64();
+        anyhow::ensure!(code == Some(0), "{db:?} import ({pass}) exited {code:?}");
+        println!(
+            "{db:?}: import {rows} rows, {pass}: {seconds:.1} s ({:.0} rows/s), peak RSS {:.1} MiB",
+            rows as f64 / seconds,
+            peak_kib as f64 / 1024.0
+        );
+    }
+    drop(database);
+    Ok(())
+}
+
+/// Waits for `child` and returns its exit code and its peak RSS in KiB, as
+/// the kernel counted it (`wait4`'s `ru_maxrss`).
+fn wait_with_peak_rss(child: std::process::Child) -> std::io::Result<(Option<i32>, u64)> {
+    let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
+    let mut status = 0;
+    // SAFETY: both pointers are to locals that outlive the call, and `pid`
+    // is our own child, not yet waited for (`child` is never waited on).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(child);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Ok((code, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
 }
 
 async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {

@@ -11,12 +11,11 @@
 //! batch (`store::import`).
 //!
 //! What the import remembers of the rows it has accepted is their
-//! fingerprints (`InputIndex`, 64-bit hashes, about 50 bytes a row): enough
-//! to tell a row that contradicts an earlier row of the input
-//! (`CONFLICT_IN_INPUT`) from one that contradicts the database as it was
-//! (`USER_ALREADY_LINKED`, ...), and, in a dry run, to find the first kind
-//! without writing. The database, not the fingerprints, decides every row
-//! that is written.
+//! fingerprints (`index.rs`, 64-bit hashes): enough to tell a row that
+//! contradicts an earlier row of the input (`CONFLICT_IN_INPUT`) from one
+//! that contradicts the database as it was (`USER_ALREADY_LINKED`, ...),
+//! and, in a dry run, to find the first kind without writing. The
+//! database, not the fingerprints, decides every row that is written.
 
 mod index;
 mod progress;
@@ -213,7 +212,7 @@ impl Import {
             target_is_empty,
             source: Some(source),
             report,
-            index: InputIndex::default(),
+            index: InputIndex::new(args.dry_run),
             counters: Arc::new(Counters::default()),
             batch_rows: args.batch_rows,
             dry_run: args.dry_run,

@@ -115,9 +115,11 @@ SELECT FALSE AS inserted, id, user_id, stripe_customer_id, created_at, link_toke
 FROM stripe_customers
 WHERE user_id = ANY ($1::text[]) OR stripe_customer_id = ANY ($2::text[])";
 
-/// Rows per multi-row statement on SQLite, whose statements take at most
-/// 32,766 parameters (an event row has seven).
-const SQLITE_ROWS_PER_STATEMENT: usize = 2_000;
+/// Rows per multi-row statement on SQLite (which takes at most 32,766
+/// parameters; an event row has seven). Larger statements are no faster
+/// and SQLite keeps each prepared one: 2,000 rows peaked at 73 MiB over a
+/// million-row import, 500 at 55 MiB (docs/PERFORMANCE.md).
+const SQLITE_ROWS_PER_STATEMENT: usize = 500;
 
 /// One attempt at importing `rows` (no two sharing a user or a customer),
 /// done or failed by `until`. Without `write`, nothing is written and every
