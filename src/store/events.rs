@@ -4,8 +4,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Set, SqliteTransactionMode, Statement, TransactionOptions,
-    TransactionTrait, sea_query::InsertStatement,
+    QuerySelect, QueryTrait, Set, Statement, sea_query::InsertStatement,
 };
 use tokio::time::Instant;
 
@@ -107,14 +106,7 @@ pub(super) async fn delete_recording(
             return removed.map(model).transpose();
         }
     };
-    let _turn = sqlite.writers.lock().await;
-    let txn = sqlite
-        .conn
-        .begin_with_options(TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..Default::default()
-        })
-        .await?;
+    let (_turn, txn) = sqlite.begin_write().await?;
     let mut deleted = StripeCustomers::delete_many()
         .filter(column.eq(value))
         .exec_with_returning(&txn)

@@ -36,7 +36,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, Condition, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    QueryResult, QueryTrait, Set, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    QueryResult, QueryTrait, Set,
     sea_query::OnConflict,
     sqlx::{self, Row, postgres::PgRow},
 };
@@ -206,14 +206,7 @@ async fn import_sqlite(
     rows: &[ImportRow<'_>],
     write: Option<Write<'_>>,
 ) -> Result<BatchAttempt, DbErr> {
-    let _turn = db.writers.lock().await;
-    let txn = db
-        .conn
-        .begin_with_options(TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..Default::default()
-        })
-        .await?;
+    let (_turn, txn) = db.begin_write().await?;
     let mut created = Vec::new();
     let mut holders = Vec::new();
     for chunk in rows.chunks(SQLITE_ROWS_PER_STATEMENT) {

@@ -82,7 +82,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, Condition, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    QueryResult, QueryTrait, Set, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    QueryResult, QueryTrait, Set,
     sea_query::{
         Alias, CommonTableExpression, Expr, ExprTrait, InsertStatement, OnConflict, Query,
         SelectStatement, UnionType, WithClause, WithQuery,
@@ -268,15 +268,8 @@ async fn try_link_sqlite(
     created_at: DateTime<Utc>,
     actor: Actor<'_>,
 ) -> Result<LinkAttempt, DbErr> {
-    let _turn = db.writers.lock().await;
     let in_transaction = async {
-        let txn = db
-            .conn
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await?;
+        let (turn, txn) = db.begin_write().await?;
         let inserted = StripeCustomers::find()
             .from_raw_sql(DbBackend::Sqlite.build(insert))
             .one(&txn)
@@ -295,9 +288,9 @@ async fn try_link_sqlite(
                     .await?,
             ),
         };
-        Ok::<_, DbErr>((txn, attempt))
+        Ok::<_, DbErr>((turn, txn, attempt))
     };
-    let (txn, attempt) = match in_transaction.await {
+    let (_turn, txn, attempt) = match in_transaction.await {
         Ok(done) => done,
         Err(err) if is_rolled_back_by_database(&err) || is_connection_lost(&err) => {
             tracing::debug!(error = %err, "link attempt rolled back; repeating");

@@ -27,9 +27,9 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectOptions, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, QueryFilter, QueryResult, QueryTrait, Select, SqlxPostgresConnector,
-    Statement,
+    ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, FromQueryResult, QueryFilter, QueryResult, QueryTrait, Select,
+    SqliteTransactionMode, SqlxPostgresConnector, Statement, TransactionOptions, TransactionTrait,
     sqlx::{self, Row, postgres::PgRow},
 };
 use tokio::time::Instant;
@@ -106,6 +106,26 @@ struct PostgresDb {
 struct SqliteDb {
     conn: DatabaseConnection,
     writers: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl SqliteDb {
+    /// A write transaction, in turn: this process's writers queue here, and
+    /// `BEGIN IMMEDIATE` takes SQLite's write lock at once (a deferred
+    /// transaction that reads first can fail to upgrade). Keep the turn
+    /// until the transaction ends.
+    async fn begin_write(
+        &self,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, DatabaseTransaction), DbErr> {
+        let turn = self.writers.lock().await;
+        let txn = self
+            .conn
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        Ok((turn, txn))
+    }
 }
 
 /// Open and idle connections of a pool, for metrics.

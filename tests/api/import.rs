@@ -230,10 +230,27 @@ async fn import(database_url: &str, args: &[&str]) -> Run {
     .expect("the import ran")
 }
 
+/// `import --csv CSV --report REPORT EXTRA...` to the end.
+async fn import_csv(database_url: &str, csv: &Path, report: &Path, extra: &[&str]) -> Run {
+    let (csv, report) = (csv.display().to_string(), report.display().to_string());
+    let mut args = vec!["--csv", csv.as_str(), "--report", report.as_str()];
+    args.extend_from_slice(extra);
+    import(database_url, &args).await
+}
+
 fn write_csv(dir: &Path, name: &str, content: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, content).expect("the CSV is written");
     path
+}
+
+/// `user-I,cus_I` for I in 0..rows.
+fn numbered_csv(dir: &Path, rows: usize) -> PathBuf {
+    let mut content = String::from("user_id,stripe_customer_id\n");
+    for i in 0..rows {
+        content.push_str(&format!("user-{i},cus_{i}\n"));
+    }
+    write_csv(dir, "in.csv", &content)
 }
 
 /// The report's rows, header first.
@@ -317,16 +334,7 @@ async fn every_row_gets_links_rules_and_every_refusal_is_reported(app: TestApp) 
     let csv = write_csv(dir.path(), "in.csv", EVERY_KIND);
     let report = dir.path().join("report.csv");
 
-    let run = import(
-        &app.database.url,
-        &[
-            "--csv",
-            csv.to_str().expect("a path"),
-            "--report",
-            report.to_str().expect("a path"),
-        ],
-    )
-    .await;
+    let run = import_csv(&app.database.url, &csv, &report, &[]).await;
 
     assert_eq!(run.code, 1, "rows were refused: {:?}", run.events);
     assert_eq!(run.counts(), (12, 2, 2, 8));
@@ -379,30 +387,12 @@ async fn a_second_run_creates_nothing_and_refuses_the_same_rows(app: TestApp) {
     let dir = tempfile::tempdir().expect("a directory");
     let csv = write_csv(dir.path(), "in.csv", EVERY_KIND);
     let (first, second) = (dir.path().join("1.csv"), dir.path().join("2.csv"));
-    let args = |report: &Path| {
-        vec![
-            "--csv".to_owned(),
-            csv.display().to_string(),
-            "--report".to_owned(),
-            report.display().to_string(),
-        ]
-    };
-    let first_args = args(&first);
-    let run = import(
-        &app.database.url,
-        &first_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    let run = import_csv(&app.database.url, &csv, &first, &[]).await;
     assert_eq!(run.counts(), (12, 2, 2, 8));
     let rows = sorted(app.rows().await);
     let events = events_all(&mut app.client.clone(), None, 0).await;
 
-    let second_args = args(&second);
-    let again = import(
-        &app.database.url,
-        &second_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    let again = import_csv(&app.database.url, &csv, &second, &[]).await;
 
     assert_eq!(again.code, 1);
     assert_eq!(
@@ -427,17 +417,7 @@ async fn a_dry_run_reports_the_same_and_writes_nothing(app: TestApp) {
     let rows = sorted(app.rows().await);
     let events = events_all(&mut app.client.clone(), None, 0).await;
 
-    let run = import(
-        &app.database.url,
-        &[
-            "--dry-run",
-            "--csv",
-            csv.to_str().expect("a path"),
-            "--report",
-            dry.to_str().expect("a path"),
-        ],
-    )
-    .await;
+    let run = import_csv(&app.database.url, &csv, &dry, &["--dry-run"]).await;
 
     assert_eq!(run.code, 1);
     assert_eq!(run.counts(), (12, 2, 2, 8));
@@ -447,16 +427,7 @@ async fn a_dry_run_reports_the_same_and_writes_nothing(app: TestApp) {
         "a dry run writes no mapping"
     );
     assert_eq!(events_all(&mut app.client.clone(), None, 0).await, events);
-    let real_run = import(
-        &app.database.url,
-        &[
-            "--csv",
-            csv.to_str().expect("a path"),
-            "--report",
-            real.to_str().expect("a path"),
-        ],
-    )
-    .await;
+    let real_run = import_csv(&app.database.url, &csv, &real, &[]).await;
     assert_eq!(real_run.counts(), run.counts());
     // The same rows, for the same reasons; a dry run cannot name a mapping
     // it did not write.
@@ -613,23 +584,12 @@ async fn links_through_the_server_during_an_import_are_arbitrated_by_the_same_co
 ) {
     const ROWS: usize = 2_000;
     let dir = tempfile::tempdir().expect("a directory");
-    let mut content = String::from("user_id,stripe_customer_id\n");
-    for i in 0..ROWS {
-        content.push_str(&format!("user-{i},cus_{i}\n"));
-    }
-    let csv = write_csv(dir.path(), "in.csv", &content);
+    let csv = numbered_csv(dir.path(), ROWS);
     let report = dir.path().join("report.csv");
-    let args = [
-        "--csv".to_owned(),
-        csv.display().to_string(),
-        "--report".to_owned(),
-        report.display().to_string(),
-        "--batch-rows".to_owned(),
-        "100".to_owned(),
-    ];
+    let report_path = report.clone();
     let url = app.database.url.clone();
     let importing = tokio::spawn(async move {
-        import(&url, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
+        import_csv(&url, &csv, &report_path, &["--batch-rows", "100"]).await
     });
     // Meanwhile, callers link every third user to another customer, and
     // every fifth to its own.
@@ -709,11 +669,7 @@ async fn sigint_mid_way_loses_nothing_reported_as_imported() {
     const ROWS: usize = 1_000;
     let app = helpers::spawn_app(Backend::Postgres).await;
     let dir = tempfile::tempdir().expect("a directory");
-    let mut content = String::from("user_id,stripe_customer_id\n");
-    for i in 0..ROWS {
-        content.push_str(&format!("user-{i},cus_{i}\n"));
-    }
-    let csv = write_csv(dir.path(), "in.csv", &content);
+    let csv = numbered_csv(dir.path(), ROWS);
     let db = app.db().await;
     // The table locked, the first batch waits inside the database: the
     // interrupt arrives while a batch is in flight.

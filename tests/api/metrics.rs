@@ -39,11 +39,7 @@ async fn metrics_count_rpcs_by_method_and_code() {
         ("HEALTH_PROBE_INTERVAL", "100ms"),
         ("HEALTH_PROBE_TIMEOUT", "50ms"),
     ]);
-    let metrics: SocketAddr = server
-        .wait_for_event(|e| e["message"] == "serving customermapping.v1.CustomerMapping")["metrics"]
-        .as_str()
-        .and_then(|addr| addr.parse().ok())
-        .expect("the serving line names the metrics address");
+    let metrics = server.metrics_addr();
     helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
     let mut client = helpers::connect(server.addr).await;
     let user = |id: &str| customer_mapping::proto::get_request::Key::UserId(id.into());

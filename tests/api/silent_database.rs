@@ -464,11 +464,7 @@ async fn every_call_is_logged_and_counted_while_the_database_is_silent() {
         // probe already emptied.
         ("HEALTH_PROBE_INTERVAL", "10m"),
     ]);
-    let metrics: SocketAddr = server
-        .wait_for_event(|e| e["message"] == "serving customermapping.v1.CustomerMapping")["metrics"]
-        .as_str()
-        .and_then(|addr| addr.parse().ok())
-        .expect("the serving line names the metrics address");
+    let metrics = server.metrics_addr();
     helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
     let mut client = helpers::connect(server.addr).await;
     proxy.silence();

@@ -148,6 +148,15 @@ impl ServerProcess {
         }
     }
 
+    /// The metrics address the "serving" line names (`METRICS_ADDR` set).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.wait_for_event(|e| e["message"] == "serving customermapping.v1.CustomerMapping")
+            ["metrics"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .expect("the serving line names the metrics address")
+    }
+
     /// The JSON log events so far.
     pub fn events(&self) -> Vec<serde_json::Value> {
         self.lines()

