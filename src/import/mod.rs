@@ -128,11 +128,11 @@ enum Failure {
 pub async fn run(settings: &Settings, args: &ImportArgs) -> ExitCode {
     let interrupted = CancellationToken::new();
     tokio::spawn(watch_for_interrupts(interrupted.clone()));
-    let mut import = match Import::start(settings, args).await {
-        Ok(import) => import,
+    let (mut import, source) = match Import::start(settings, args).await {
+        Ok(started) => started,
         Err(failure) => return fail(failure),
     };
-    let ended = import.go(&interrupted).await;
+    let ended = import.go(source, &interrupted).await;
     import.finish(ended, interrupted.is_cancelled())
 }
 
@@ -148,12 +148,19 @@ async fn watch_for_interrupts(interrupted: CancellationToken) {
     std::process::exit(i32::from(EXIT_INTERRUPTED));
 }
 
+impl Failure {
+    /// The exit status it ends the process with, and its message.
+    fn into_exit(self) -> (u8, String) {
+        match self {
+            Failure::Source(message) => (EXIT_BAD_SOURCE, message),
+            Failure::Target(message) => (EXIT_TARGET_FAILED, message),
+        }
+    }
+}
+
 /// A failure before the first row: one line, nothing written.
 fn fail(failure: Failure) -> ExitCode {
-    let (status, message) = match failure {
-        Failure::Source(message) => (EXIT_BAD_SOURCE, message),
-        Failure::Target(message) => (EXIT_TARGET_FAILED, message),
-    };
+    let (status, message) = failure.into_exit();
     tracing::error!(error = message, "import failed; nothing was imported");
     ExitCode::from(status)
 }
@@ -162,7 +169,6 @@ struct Import {
     db: Database,
     /// A dry run's target without the service's tables.
     target_is_empty: bool,
-    source: Option<Source>,
     report: Report,
     index: InputIndex,
     counters: Arc<Counters>,
@@ -174,7 +180,9 @@ struct Import {
 }
 
 impl Import {
-    async fn start(settings: &Settings, args: &ImportArgs) -> Result<Self, Failure> {
+    /// Opens the source, the report and the target; any of them failing
+    /// ends the import before it reads a row.
+    async fn start(settings: &Settings, args: &ImportArgs) -> Result<(Self, Source), Failure> {
         let source = Source::open(args).await.map_err(Failure::Source)?;
         let report = Report::create(args.report.as_deref(), source.position_name())
             .map_err(Failure::Source)?;
@@ -207,10 +215,9 @@ impl Import {
                 "the target database has no mappings table yet: the dry run treats it as empty"
             );
         }
-        Ok(Self {
+        let import = Self {
             db,
             target_is_empty,
-            source: Some(source),
             report,
             index: InputIndex::new(args.dry_run),
             counters: Arc::new(Counters::default()),
@@ -218,15 +225,13 @@ impl Import {
             dry_run: args.dry_run,
             run_id: format!("import-{}", uuid::Uuid::new_v4().simple()),
             started: Instant::now(),
-        })
+        };
+        Ok((import, source))
     }
 
     /// Reads, batches and applies every row, until the end of the source,
     /// an interrupt, or a failure.
-    async fn go(&mut self, interrupted: &CancellationToken) -> Result<(), Failure> {
-        let Some(source) = self.source.take() else {
-            return Ok(());
-        };
+    async fn go(&mut self, source: Source, interrupted: &CancellationToken) -> Result<(), Failure> {
         tracing::info!(
             source = %source.describe(),
             run = %self.run_id,
@@ -468,10 +473,7 @@ impl Import {
         let c = counters;
         match ended {
             Err(failure) => {
-                let (status, error) = match failure {
-                    Failure::Source(message) => (EXIT_BAD_SOURCE, message),
-                    Failure::Target(message) => (EXIT_TARGET_FAILED, message),
-                };
+                let (status, error) = failure.into_exit();
                 tracing::error!(
                     run = %self.run_id, dry_run = self.dry_run, read = c.read,
                     created = c.created, present = c.present, refused = c.refused,
