@@ -21,7 +21,7 @@ pub use error::{BoxError, Error, FieldViolation};
 pub use ids::{InvalidId, MAX_ID_CHARS, StripeCustomerId, UserId};
 pub use list::{DEFAULT_PAGE_SIZE, ListCursor, ListPage, MAX_PAGE_SIZE};
 
-use crate::store::{self, Database, LinkAttempt, Store, entity::Model};
+use crate::store::{self, Database, LinkAttempt, Sharing, Store, entity::Model};
 
 /// How long database work may go on after its caller's deadline. Work in
 /// flight when the caller leaves (a COMMIT on its way, say) usually ends
@@ -185,7 +185,14 @@ async fn link(
     // pair already linked with this token is looking at this call's own
     // earlier attempt, whose answer was lost (see `store::link`).
     let token = link_token();
-    for _ in 0..MAX_LINK_ATTEMPTS {
+    for attempt in 0..MAX_LINK_ATTEMPTS {
+        // A first attempt may share its statement (`store/coalesce/`); one
+        // run again goes alone.
+        let sharing = if attempt == 0 {
+            Sharing::MayShare
+        } else {
+            Sharing::Alone
+        };
         let rows = match store::try_link(
             db,
             user_id.as_str(),
@@ -193,6 +200,7 @@ async fn link(
             now,
             token,
             actor.as_store(),
+            sharing,
             until,
         )
         .await?

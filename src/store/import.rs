@@ -2,26 +2,16 @@
 //!
 //! # PostgreSQL: one statement per batch
 //!
-//! ```sql
-//! WITH input AS (SELECT * FROM unnest($users, $customers, $created_ats)),
-//!      ins AS (INSERT INTO stripe_customers ... SELECT ... FROM input
-//!              ON CONFLICT DO NOTHING RETURNING ...),
-//!      ev AS (INSERT INTO mapping_events ... SELECT ... FROM ins),
-//!      pending AS (input rows whose user ins did not insert)
-//! SELECT TRUE, ins.* FROM ins
-//! UNION ALL
-//! SELECT FALSE, rows holding a pending row's user or customer
-//! ```
-//!
-//! It is Link's statement (`link.rs`) for many pairs at once, with the same
-//! argument for why each row's answer is true at one instant: the unique
-//! indexes arbitrate every insert against committed rows, the holders come
-//! from the statement's snapshot, and a row that conflicted with something
-//! the snapshot cannot see comes back with neither (the caller runs it
-//! again). The caller guarantees that no two rows of a batch share a user
-//! or a customer, so every conflict is with a row outside the batch. The
-//! events are a data-modifying CTE of the same autocommit statement: they
-//! exist if and only if their rows were inserted.
+//! Link's statement (`link.rs`, `LINK_SQL`) for the batch's pairs, with the
+//! same argument for why each row's answer is true at one instant: the
+//! unique indexes arbitrate every insert against committed rows, the
+//! holders come from the statement's snapshot, and a row that conflicted
+//! with something the snapshot cannot see comes back with neither (the
+//! caller runs it again). The caller guarantees that no two rows of a
+//! batch share a user or a customer, so every conflict is with a row
+//! outside the batch. The events are a data-modifying CTE of the same
+//! autocommit statement: they exist if and only if their rows were
+//! inserted.
 //!
 //! Arrays (`unnest`) keep the statement at eight parameters whatever the
 //! batch size, and `= ANY (ARRAY(...))` lets the holder look-up probe the
@@ -36,9 +26,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, Condition, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    QueryResult, QueryTrait, Set,
-    sea_query::OnConflict,
-    sqlx::{self, Row, postgres::PgRow},
+    QueryResult, QueryTrait, Set, sea_query::OnConflict, sqlx,
 };
 use tokio::time::Instant;
 
@@ -48,7 +36,8 @@ use super::{
     errors::{is_connection_lost, is_read_only, is_rolled_back_by_database},
     event_entity::{ActiveModel as EventModel, Entity as MappingEvents},
     events::{Actor, KIND_LINKED},
-    postgres::sqlx_err,
+    link::{Pair, link_pairs},
+    postgres::Pool,
 };
 
 /// One row to import, already validated.
@@ -85,33 +74,9 @@ pub enum BatchAttempt {
     Again,
 }
 
-/// The PostgreSQL statement of a batch that writes (see the module comment).
-const IMPORT_SQL: &str = "\
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
-        WITH ORDINALITY AS t (user_id, stripe_customer_id, created_at, n)
-), ins AS (
-    INSERT INTO stripe_customers (user_id, stripe_customer_id, created_at, link_token)
-    SELECT user_id, stripe_customer_id, created_at, $4 FROM input ORDER BY n
-    ON CONFLICT DO NOTHING
-    RETURNING id, user_id, stripe_customer_id, created_at, link_token
-), ev AS (
-    INSERT INTO mapping_events
-        (kind, user_id, stripe_customer_id, mapping_created_at, time, caller, request_id)
-    SELECT $5::smallint, user_id, stripe_customer_id, created_at, $6, $7, $8 FROM ins
-), pending AS (
-    SELECT user_id, stripe_customer_id FROM input
-    WHERE user_id NOT IN (SELECT user_id FROM ins)
-)
-SELECT TRUE AS inserted, id, user_id, stripe_customer_id, created_at, link_token FROM ins
-UNION ALL
-SELECT FALSE, id, user_id, stripe_customer_id, created_at, link_token FROM stripe_customers
-WHERE user_id = ANY (ARRAY(SELECT user_id FROM pending))
-   OR stripe_customer_id = ANY (ARRAY(SELECT stripe_customer_id FROM pending))";
-
 /// A dry run's statement: the holders only.
 const HOLDERS_SQL: &str = "\
-SELECT FALSE AS inserted, id, user_id, stripe_customer_id, created_at, link_token
+SELECT id, user_id, stripe_customer_id, created_at, link_token
 FROM stripe_customers
 WHERE user_id = ANY ($1::text[]) OR stripe_customer_id = ANY ($2::text[])";
 
@@ -131,43 +96,31 @@ pub async fn import_batch(
     until: Instant,
 ) -> Result<BatchAttempt, DbErr> {
     let result = match &db.0 {
-        Backend::Postgres(pg) => {
-            let users: Vec<&str> = rows.iter().map(|r| r.user_id).collect();
-            let customers: Vec<&str> = rows.iter().map(|r| r.stripe_customer_id).collect();
-            let created_ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
-            let mut conn = pg.pool.acquire(until).await?;
-            let fetched = conn
-                .bounded(until, "an import batch", async |conn| match write {
-                    Some(write) => {
-                        sqlx::query(IMPORT_SQL)
-                            .bind(&users)
-                            .bind(&customers)
-                            .bind(&created_ats)
-                            .bind(write.token)
-                            .bind(KIND_LINKED)
-                            .bind(write.time)
-                            .bind(write.actor.caller)
-                            .bind(write.actor.request_id)
-                            .fetch_all(conn)
-                            .await
-                    }
-                    None => {
-                        sqlx::query(HOLDERS_SQL)
-                            .bind(&users)
-                            .bind(&customers)
-                            .fetch_all(conn)
-                            .await
-                    }
-                })
-                .await;
-            match fetched {
-                Ok(rows) => {
-                    conn.release();
-                    split(rows)
+        Backend::Postgres(pg) => match write {
+            Some(write) => {
+                let pairs: Vec<Pair<'_>> = rows
+                    .iter()
+                    .map(|row| Pair {
+                        user_id: row.user_id,
+                        stripe_customer_id: row.stripe_customer_id,
+                        created_at: row.created_at,
+                        token: write.token,
+                        time: write.time,
+                        actor: write.actor,
+                    })
+                    .collect();
+                match pg.pool.acquire(until).await {
+                    Ok(conn) => link_pairs(conn, &pairs, "an import batch", until)
+                        .await
+                        .map(|linked| BatchAttempt::Done {
+                            created: linked.created,
+                            holders: linked.holders,
+                        }),
+                    Err(err) => Err(err),
                 }
-                Err(err) => Err(err),
             }
-        }
+            None => holders(&pg.pool, rows, until).await,
+        },
         Backend::Sqlite(sqlite) => import_sqlite(sqlite, rows, write).await,
     };
     match result {
@@ -186,19 +139,34 @@ fn is_worth_repeating(err: &DbErr) -> bool {
     is_rolled_back_by_database(err) || is_connection_lost(err) || is_read_only(err)
 }
 
-fn split(rows: Vec<PgRow>) -> Result<BatchAttempt, DbErr> {
-    let mut created = Vec::new();
-    let mut holders = Vec::new();
-    for row in rows {
-        let inserted: bool = row.try_get("inserted").map_err(sqlx_err)?;
-        let model = Model::from_query_result(&QueryResult::from(row), "")?;
-        if inserted {
-            created.push(model);
-        } else {
-            holders.push(model);
-        }
-    }
-    Ok(BatchAttempt::Done { created, holders })
+/// A dry run on PostgreSQL: the rows holding any user or customer of
+/// `rows`, in one statement.
+async fn holders(
+    pool: &Pool,
+    rows: &[ImportRow<'_>],
+    until: Instant,
+) -> Result<BatchAttempt, DbErr> {
+    let users: Vec<&str> = rows.iter().map(|r| r.user_id).collect();
+    let customers: Vec<&str> = rows.iter().map(|r| r.stripe_customer_id).collect();
+    let mut conn = pool.acquire(until).await?;
+    let fetched = conn
+        .bounded(until, "an import batch", async |conn| {
+            sqlx::query(HOLDERS_SQL)
+                .bind(&users)
+                .bind(&customers)
+                .fetch_all(conn)
+                .await
+        })
+        .await?;
+    conn.release();
+    let holders = fetched
+        .into_iter()
+        .map(|row| Model::from_query_result(&QueryResult::from(row), ""))
+        .collect::<Result<_, _>>()?;
+    Ok(BatchAttempt::Done {
+        created: Vec::new(),
+        holders,
+    })
 }
 
 async fn import_sqlite(

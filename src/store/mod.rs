@@ -35,6 +35,7 @@ use sea_orm::{
 use tokio::time::Instant;
 
 pub use batch::{Side, find_by_keys};
+pub use coalesce::{CALLS_PER_STATEMENT, QUEUED as QUEUED_CALLS};
 use entity::{Column, Entity as StripeCustomers, Model};
 pub use errors::{
     failure_kind, is_connection_lost, is_read_only, is_rolled_back_by_database, is_timeout,
@@ -42,7 +43,7 @@ pub use errors::{
 };
 pub use events::Actor;
 pub use import::{BatchAttempt, ImportRow, Write as ImportWrite, import_batch};
-pub use link::{LinkAttempt, try_link};
+pub use link::{LinkAttempt, Sharing, try_link};
 
 /// How long applying the migrations may take at start-up. They are a few
 /// DDL statements on a small schema; this only bounds a database that went
@@ -87,11 +88,13 @@ enum Backend {
     Sqlite(SqliteDb),
 }
 
-/// The service's PostgreSQL connections, and the Gets coalesced over them.
+/// The service's PostgreSQL connections, and the Gets and Links coalesced
+/// over them.
 #[derive(Debug, Clone)]
 struct PostgresDb {
     pool: postgres::Pool,
     reads: Arc<coalesce::Reads>,
+    links: Arc<coalesce::Links>,
 }
 
 /// SeaORM's pool on SQLite, and a queue for writers.
@@ -168,6 +171,7 @@ impl Database {
             Backend::Postgres(PostgresDb {
                 pool,
                 reads: Arc::new(coalesce::Reads::new()),
+                links: Arc::new(coalesce::Links::new()),
             })
         } else {
             let conn = connect_sqlite(url, options).await?;
@@ -242,6 +246,7 @@ impl Database {
         if let Backend::Postgres(pg) = &self.0 {
             pg.pool.forget_connections();
             pg.reads.forget(&pg.pool);
+            pg.links.forget(&pg.pool);
         }
     }
 
@@ -276,7 +281,7 @@ impl Database {
     }
 
     /// The row holding `value` in `column`, by `until`. Concurrent Gets on
-    /// PostgreSQL share statements (see `coalesce.rs`).
+    /// PostgreSQL share statements (see `coalesce/`).
     async fn one(
         &self,
         column: Column,

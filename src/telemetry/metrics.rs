@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::PoolStats;
+use crate::store::{CALLS_PER_STATEMENT, PoolStats, QUEUED_CALLS};
 
 /// RPCs handled, by `grpc_service`, `grpc_method` and `grpc_code`.
 pub const RPC_HANDLED: &str = "grpc_server_handled_total";
@@ -64,6 +64,14 @@ fn describe() {
     metrics::describe_gauge!(
         DB_POOL_CONNECTIONS,
         "Database pool connections, by state (in_use, idle)."
+    );
+    metrics::describe_gauge!(
+        QUEUED_CALLS,
+        "Calls waiting to share the next database statement, by op (link, get_by_user, get_by_customer)."
+    );
+    metrics::describe_histogram!(
+        CALLS_PER_STATEMENT,
+        "Calls answered per database statement sent, by op: _count is statements, _sum calls."
     );
     metrics::describe_gauge!(SERVING, "1 while gRPC health reports SERVING, else 0.");
     metrics::describe_counter!(

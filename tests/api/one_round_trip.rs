@@ -1,12 +1,20 @@
-//! Link in one statement and Gets coalesced (issue 14): the answers stay
-//! true when a Link's answer is lost on the way, and when many Gets share
-//! one statement.
+//! Link in one statement, and Gets and Links coalesced (issue 14): the
+//! answers stay true when a Link's answer is lost on the way, and when many
+//! Gets or Links share one statement.
 
 use std::collections::HashMap;
 
 use customer_mapping::proto::{Mapping, get_request};
 
-use crate::helpers::{self, Backend, TestApp, TestDatabase, cut_proxy::CutProxy, proxy};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::helpers::{
+    self, Backend, Client, TestApp, TestDatabase, cut_proxy::CutProxy, pg, process::ServerProcess,
+    proxy,
+};
+use crate::metrics::{http_get, sample};
 
 /// A Link whose connection dies right after its statement was sent runs it
 /// again on another connection. If the first attempt did commit, the retry
@@ -110,3 +118,196 @@ async fn concurrent_gets_each_get_their_own_row(app: TestApp) {
 }
 
 on_both_databases!(concurrent_gets_each_get_their_own_row);
+
+/// The Links of the queued-Links test: (user, customer, what it must get).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Created,
+    Existing,
+    UserTaken(&'static str),
+    CustomerTaken(&'static str),
+    /// One of two Links of the same user to different customers.
+    Contender,
+}
+
+/// The server as a process (its metrics are its own), its database, and a
+/// connection to that database for reaching around the service.
+async fn postgres_server_with_metrics() -> (ServerProcess, TestDatabase, DatabaseConnection) {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let server = ServerProcess::start(&[
+        ("DATABASE_URL", &database.url),
+        ("DATABASE_MAX_CONNECTIONS", "4"),
+        ("METRICS_ADDR", "127.0.0.1:0"),
+    ]);
+    helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+    let db = sea_orm::Database::connect(database.url.as_str())
+        .await
+        .expect("the test connects");
+    (server, database, db)
+}
+
+async fn link_with_request_id(
+    mut client: Client,
+    user: &str,
+    customer: &str,
+) -> Result<customer_mapping::proto::LinkResponse, tonic::Status> {
+    let mut request = tonic::Request::new(customer_mapping::proto::LinkRequest {
+        user_id: user.into(),
+        stripe_customer_id: customer.into(),
+    });
+    let id = format!("req-{user}-{customer}");
+    request
+        .metadata_mut()
+        .insert("x-request-id", id.parse().expect("ASCII"));
+    client.link(request).await.map(tonic::Response::into_inner)
+}
+
+/// Links that arrive while the lane is busy queue, and go out together in
+/// one statement when it frees up: the table is locked, two Links take the
+/// lane's two places and wait on the lock, and 25 more queue behind them
+/// (the server's own gauge says when). Released, every Link gets its own
+/// answer, whatever the others in its statement did, each created mapping
+/// has exactly one event naming its own call, and one statement answered
+/// at least 20 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_links_share_one_statement_and_each_gets_its_own_answer() {
+    let (server, _database, db) = postgres_server_with_metrics().await;
+    let client = helpers::connect(server.addr).await;
+    for (user, customer) in [("user-replay", "cus_replay"), ("user-held", "cus_held")] {
+        link_with_request_id(client.clone(), user, customer)
+            .await
+            .expect("linked before the test");
+    }
+
+    let lock = db.begin().await.expect("begin");
+    lock.execute_unprepared("LOCK TABLE stripe_customers IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let blockers: Vec<_> = (0..2)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                link_with_request_id(client, &format!("user-b{i}"), &format!("cus_b{i}")).await
+            })
+        })
+        .collect();
+    pg::wait_until_sessions_wait_on_a_lock(&db, 2).await;
+
+    let mut links: Vec<(String, String, Expect)> = (0..20)
+        .map(|i| (format!("user-f{i}"), format!("cus_f{i}"), Expect::Created))
+        .collect();
+    links.extend([
+        ("user-replay".into(), "cus_replay".into(), Expect::Existing),
+        (
+            "user-held".into(),
+            "cus_other".into(),
+            Expect::UserTaken("cus_held"),
+        ),
+        (
+            "user-other".into(),
+            "cus_held".into(),
+            Expect::CustomerTaken("user-held"),
+        ),
+        ("user-x".into(), "cus_x1".into(), Expect::Contender),
+        ("user-x".into(), "cus_x2".into(), Expect::Contender),
+    ]);
+    let queued: Vec<_> = links
+        .iter()
+        .map(|(user, customer, _)| {
+            let (client, user, customer) = (client.clone(), user.clone(), customer.clone());
+            tokio::spawn(async move { link_with_request_id(client, &user, &customer).await })
+        })
+        .collect();
+    let metrics = server.metrics_addr();
+    wait_until_queued(metrics, links.len()).await;
+    lock.commit().await.expect("unlock");
+
+    for blocker in futures::future::join_all(blockers).await {
+        assert!(blocker.expect("no panic").expect("linked").created);
+    }
+    let answers = futures::future::join_all(queued).await;
+    let mut contenders = Vec::new();
+    for ((user, customer, expect), answer) in links.iter().zip(answers) {
+        let answer = answer.expect("no panic");
+        match expect {
+            Expect::Created => assert!(answer.expect("linked").created, "{user}"),
+            Expect::Existing => assert!(!answer.expect("a replay").created, "{user}"),
+            Expect::UserTaken(holder) => helpers::assert_already_linked(
+                &answer.expect_err("taken"),
+                "USER_ALREADY_LINKED",
+                user,
+                holder,
+            ),
+            Expect::CustomerTaken(holder) => helpers::assert_already_linked(
+                &answer.expect_err("taken"),
+                "CUSTOMER_ALREADY_LINKED",
+                holder,
+                customer,
+            ),
+            Expect::Contender => contenders.push((customer.clone(), answer)),
+        }
+    }
+    let winners: Vec<&String> = contenders
+        .iter()
+        .filter(|(_, answer)| answer.as_ref().is_ok_and(|a| a.created))
+        .map(|(customer, _)| customer)
+        .collect();
+    assert_eq!(winners.len(), 1, "one contender wins: {contenders:?}");
+    for (_, answer) in &contenders {
+        if let Err(status) = answer {
+            assert_eq!(status.code(), Code::AlreadyExists);
+            helpers::assert_already_linked(status, "USER_ALREADY_LINKED", "user-x", winners[0]);
+        }
+    }
+
+    // One event per created mapping, naming the call that created it.
+    let events = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT user_id, stripe_customer_id, request_id FROM mapping_events WHERE kind = 1",
+        ))
+        .await
+        .expect("events");
+    let mut events: Vec<String> = events
+        .iter()
+        .map(|row| {
+            let get = |c| row.try_get::<String>("", c).expect("text");
+            let (user, customer) = (get("user_id"), get("stripe_customer_id"));
+            assert_eq!(get("request_id"), format!("req-{user}-{customer}"));
+            user
+        })
+        .collect();
+    events.sort();
+    let mut created: Vec<String> = ["user-replay", "user-held", "user-b0", "user-b1", "user-x"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..20).map(|i| format!("user-f{i}")))
+        .collect();
+    created.sort();
+    assert_eq!(events, created);
+
+    let (_, body) = http_get(metrics, "/metrics").await;
+    let most = sample(
+        &body,
+        "customer_mapping_db_calls_per_statement",
+        &[r#"op="link""#, r#"quantile="1""#],
+    )
+    .expect("the Link statements are measured");
+    assert!(
+        most >= 20.0,
+        "at most {most} Links shared a statement:\n{body}"
+    );
+}
+
+/// Waits (polling the server's gauge, bounded) until `n` Links queue.
+async fn wait_until_queued(metrics: std::net::SocketAddr, n: usize) {
+    for _ in 0..1000 {
+        let (_, body) = http_get(metrics, "/metrics").await;
+        let queued = sample(&body, "customer_mapping_db_queued_calls", &[r#"op="link""#]);
+        if queued == Some(n as f64) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{n} Links never queued");
+}

@@ -1,0 +1,140 @@
+//! Gets: one lane per key (user, customer). A shared read is one statement,
+//! `WHERE key = ANY($1)`, for every Get queued while the lane was busy.
+//!
+//! A Get's answer is whatever its statement's snapshot held for its key, so
+//! the argument of the module above is all there is to it: the snapshot is
+//! taken after the Get arrived and read before it returns.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use sea_orm::{
+    ColumnTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryTrait,
+    sea_query::{Expr, ExprTrait, extension::postgres::PgFunc},
+};
+use tokio::time::Instant;
+
+use super::{Call, Lane, Work};
+use crate::store::{
+    entity::{Column, Entity as StripeCustomers, Model},
+    model,
+    postgres::Pool,
+};
+
+/// The lanes, one per key.
+#[derive(Debug)]
+pub(in crate::store) struct Reads {
+    by_user: Arc<Lane<Read>>,
+    by_customer: Arc<Lane<Read>>,
+}
+
+impl Reads {
+    pub fn new() -> Self {
+        Self {
+            by_user: Arc::new(Lane::new(Read(Column::UserId))),
+            by_customer: Arc::new(Lane::new(Read(Column::StripeCustomerId))),
+        }
+    }
+
+    /// The row holding `value` in `column` (user_id or stripe_customer_id).
+    pub async fn get(
+        &self,
+        pool: &Pool,
+        column: Column,
+        value: &str,
+        until: Instant,
+    ) -> Result<Option<Model>, DbErr> {
+        let lane = match column {
+            Column::StripeCustomerId => &self.by_customer,
+            _ => &self.by_user,
+        };
+        lane.call(pool, value.to_owned(), until).await
+    }
+
+    /// See [`Lane::forget`].
+    pub fn forget(&self, pool: &Pool) {
+        self.by_user.forget(pool);
+        self.by_customer.forget(pool);
+    }
+}
+
+/// Reads by one key column.
+struct Read(Column);
+
+impl Read {
+    fn value_of<'a>(&self, row: &'a Model) -> &'a str {
+        match self.0 {
+            Column::StripeCustomerId => &row.stripe_customer_id,
+            _ => &row.user_id,
+        }
+    }
+}
+
+impl Work for Read {
+    type Request = String;
+    type Answer = Option<Model>;
+
+    /// Two: while one statement is on its way, the next batch forms and can
+    /// go out as soon as the first returns its connection, so the database
+    /// always has the next read to do; more would only split the same Gets
+    /// into smaller batches.
+    const IN_FLIGHT: usize = 2;
+    /// Reads can all be shared: they take no locks.
+    const SHARED_IN_FLIGHT: usize = 2;
+
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Column::StripeCustomerId => "get_by_customer",
+            _ => "get_by_user",
+        }
+    }
+
+    fn next_batch(queue: &mut VecDeque<Call<Self>>) -> Vec<Call<Self>> {
+        queue.drain(..).collect()
+    }
+
+    async fn run(&self, pool: &Pool, batch: Vec<Call<Self>>) {
+        let Some(until) = batch.iter().map(|call| call.until).max() else {
+            return;
+        };
+        let mut values: Vec<&str> = batch.iter().map(|call| call.request.as_str()).collect();
+        values.sort_unstable();
+        values.dedup();
+        let filter = if let [value] = values.as_slice() {
+            // A lone Get's statement, prepared once per connection.
+            self.0.eq(*value)
+        } else {
+            Expr::col((StripeCustomers, self.0)).eq(PgFunc::any(Expr::val(
+                values
+                    .iter()
+                    .map(|v| (*v).to_owned())
+                    .collect::<Vec<String>>(),
+            )))
+        };
+        let stmt = StripeCustomers::find()
+            .filter(filter)
+            .build(DbBackend::Postgres);
+        let rows = async {
+            let mut conn = pool.acquire(until).await?;
+            let rows = conn.fetch_all(&stmt, until).await?;
+            conn.release();
+            rows.into_iter().map(model).collect::<Result<Vec<_>, _>>()
+        }
+        .await;
+        match rows {
+            Ok(rows) => {
+                let by_value: HashMap<&str, &Model> =
+                    rows.iter().map(|row| (self.value_of(row), row)).collect();
+                for call in batch {
+                    let row = by_value.get(call.request.as_str()).map(|&row| row.clone());
+                    call.answer(Ok(row));
+                }
+            }
+            Err(err) => {
+                for call in batch {
+                    call.answer(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
