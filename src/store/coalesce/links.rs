@@ -10,20 +10,26 @@
 //!   every later one of the same keys, so contenders still go in arrival
 //!   order. Each pair is then decided against rows outside the statement,
 //!   exactly as in a statement of its own (`store/link.rs`, 1 to 3).
-//! - **At most one shared statement in flight** (`SHARED_IN_FLIGHT`). A
+//! - **No key in two shared statements in flight** ([`Claim`]). A
 //!   statement inserting several rows holds the keys of those it already
 //!   inserted while it waits on a key another transaction holds; two such
-//!   statements can wait on each other (PostgreSQL aborts one with a
-//!   deadlock after `deadlock_timeout`, a second). A statement of one pair
-//!   never waits while holding a key, so with one shared statement per
-//!   server this server cannot deadlock with itself. Another replica's
-//!   shared statement, or an import, still can: the aborted statement wrote
-//!   nothing, and each of its Links runs again alone ([`Sharing::Alone`]).
+//!   statements waiting on each other's keys would deadlock (PostgreSQL
+//!   aborts one after `deadlock_timeout`, a second). A queued Link whose
+//!   user or customer is in a shared statement in flight waits for it to
+//!   end. A statement of one pair never waits while holding a key (its
+//!   speculative insertion backs out first), so it cannot close a cycle.
+//!   This server therefore cannot deadlock with itself; another replica's
+//!   shared statement, or an import, still can: the aborted statement
+//!   wrote nothing, and each of its Links runs again alone
+//!   ([`Sharing::Alone`]).
 //!
 //! [`Sharing::Alone`]: crate::store::Sharing::Alone
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::{
+    collections::{HashSet, VecDeque},
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{Arc, Mutex},
+};
 
 use chrono::{DateTime, Utc};
 use sea_orm::DbErr;
@@ -75,7 +81,7 @@ pub(in crate::store) struct Links(Arc<Lane<Link>>);
 
 impl Links {
     pub fn new() -> Self {
-        Self(Arc::new(Lane::new(Link)))
+        Self(Arc::new(Lane::new(Link::default())))
     }
 
     /// One attempt of `request`, sharing a statement with concurrent Links
@@ -105,51 +111,118 @@ impl Links {
     }
 }
 
-struct Link;
+#[derive(Default)]
+struct Link {
+    busy: Arc<Mutex<Busy>>,
+}
+
+/// The keys of the shared statements in flight, as hashes (two keys with
+/// one hash only make a Link wait for the next statement).
+#[derive(Debug, Default)]
+struct Busy {
+    keys: HashSet<u64>,
+    /// Bumped by `forget`: older claims no longer hold anything.
+    generation: u64,
+}
+
+/// The keys one shared statement holds, released when it ends.
+pub(super) struct Claim {
+    busy: Arc<Mutex<Busy>>,
+    keys: Vec<u64>,
+    generation: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut busy = lock(&self.busy);
+        if busy.generation == self.generation {
+            for key in &self.keys {
+                busy.keys.remove(key);
+            }
+        }
+    }
+}
+
+fn lock(busy: &Mutex<Busy>) -> std::sync::MutexGuard<'_, Busy> {
+    // Every critical section leaves the set consistent.
+    busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn key_hash(side: u8, key: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (side, key).hash(&mut hasher);
+    hasher.finish()
+}
 
 impl Work for Link {
     type Request = LinkRequest;
     type Answer = LinkAttempt;
+    type Claim = Claim;
 
     /// As for reads: one statement on its way while the next forms.
     const IN_FLIGHT: usize = 2;
-    /// See the module comment.
-    const SHARED_IN_FLIGHT: usize = 1;
 
     fn name(&self) -> &'static str {
         "link"
     }
 
-    fn next_batch(queue: &mut VecDeque<Call<Self>>) -> Vec<Call<Self>> {
+    fn next_batch(&self, queue: &mut VecDeque<Call<Self>>) -> Option<(Vec<Call<Self>>, Claim)> {
+        let mut busy = lock(&self.busy);
+        let keys: Vec<[u64; 2]> = queue
+            .iter()
+            .map(|call| {
+                [
+                    key_hash(0, &call.request.user_id),
+                    key_hash(1, &call.request.stripe_customer_id),
+                ]
+            })
+            .collect();
         let take: Vec<bool> = {
-            let mut users = HashSet::new();
-            let mut customers = HashSet::new();
+            // Keys of this batch, and of the Links left queued: both are
+            // claimed either way, so a Link left queued keeps later Links
+            // of its keys behind it and contenders go in arrival order.
+            let mut seen: HashSet<u64> = HashSet::new();
             let mut taken = 0;
-            queue
-                .iter()
-                .map(|call| {
-                    let request = &call.request;
-                    // Both keys are claimed either way: a Link left queued
-                    // keeps later Links of its keys behind it.
-                    let user_free = users.insert(request.user_id.as_str());
-                    let customer_free = customers.insert(request.stripe_customer_id.as_str());
-                    let take = user_free && customer_free && taken < MAX_PAIRS_PER_STATEMENT;
+            keys.iter()
+                .map(|pair| {
+                    let free = pair
+                        .iter()
+                        .all(|key| !busy.keys.contains(key) && !seen.contains(key));
+                    seen.extend(pair);
+                    let take = free && taken < MAX_PAIRS_PER_STATEMENT;
                     taken += usize::from(take);
                     take
                 })
                 .collect()
         };
         let mut batch = Vec::new();
+        let mut claimed = Vec::new();
         let mut left = VecDeque::new();
-        for (call, take) in queue.drain(..).zip(take) {
+        for ((call, take), pair) in queue.drain(..).zip(take).zip(keys) {
             if take {
                 batch.push(call);
+                claimed.extend(pair);
             } else {
                 left.push_back(call);
             }
         }
         *queue = left;
-        batch
+        if batch.is_empty() {
+            return None;
+        }
+        busy.keys.extend(&claimed);
+        let claim = Claim {
+            busy: self.busy.clone(),
+            keys: claimed,
+            generation: busy.generation,
+        };
+        Some((batch, claim))
+    }
+
+    fn forget(&self) {
+        let mut busy = lock(&self.busy);
+        busy.generation += 1;
+        busy.keys.clear();
     }
 
     async fn run(&self, pool: &Pool, batch: Vec<Call<Self>>) {
@@ -218,8 +291,16 @@ mod tests {
             .collect()
     }
 
+    fn next(link: &Link, queue: &mut VecDeque<Call<Link>>) -> (Vec<String>, Option<Claim>) {
+        match link.next_batch(queue) {
+            Some((batch, claim)) => (pairs(&batch), Some(claim)),
+            None => (Vec::new(), None),
+        }
+    }
+
     #[test]
     fn a_batch_holds_no_two_pairs_sharing_a_key_and_keeps_contenders_in_order() {
+        let link = Link::default();
         let mut queue: VecDeque<Call<Link>> = [
             call("u1", "c1"),
             call("u2", "c2"),
@@ -229,21 +310,53 @@ mod tests {
             call("u5", "c5"),
         ]
         .into();
-        let batch = Link::next_batch(&mut queue);
-        assert_eq!(pairs(&batch), ["u1:c1", "u2:c2", "u5:c5"]);
+        let (batch, first) = next(&link, &mut queue);
+        assert_eq!(batch, ["u1:c1", "u2:c2", "u5:c5"]);
         assert_eq!(pairs(&queue), ["u1:c3", "u3:c3", "u4:c1"]);
-        let batch = Link::next_batch(&mut queue);
-        assert_eq!(pairs(&batch), ["u1:c3", "u4:c1"]);
-        assert_eq!(pairs(Link::next_batch(&mut queue)), ["u3:c3"]);
+        // While the first is in flight, its keys hold back every Link left.
+        assert_eq!(next(&link, &mut queue).0, Vec::<String>::new());
+        drop(first);
+        let (batch, second) = next(&link, &mut queue);
+        assert_eq!(batch, ["u1:c3", "u4:c1"]);
+        drop(second);
+        assert_eq!(next(&link, &mut queue).0, ["u3:c3"]);
         assert!(queue.is_empty());
     }
 
     #[test]
+    fn two_shared_statements_in_flight_share_no_key() {
+        let link = Link::default();
+        let mut queue: VecDeque<Call<Link>> = [call("u1", "c1"), call("u2", "c2")].into();
+        let (first, _in_flight) = next(&link, &mut queue);
+        assert_eq!(first, ["u1:c1", "u2:c2"]);
+        queue.extend([call("u3", "c1"), call("u2", "c4"), call("u5", "c5")]);
+        assert_eq!(next(&link, &mut queue).0, ["u5:c5"]);
+        assert_eq!(pairs(&queue), ["u3:c1", "u2:c4"]);
+    }
+
+    #[test]
+    fn forgotten_statements_hold_no_keys() {
+        let link = Link::default();
+        let mut queue: VecDeque<Call<Link>> = [call("u1", "c1")].into();
+        let (_, stuck) = next(&link, &mut queue);
+        link.forget();
+        queue.push_back(call("u1", "c1"));
+        let (batch, fresh) = next(&link, &mut queue);
+        assert_eq!(batch, ["u1:c1"]);
+        // The stuck statement ending later releases nothing of the new one.
+        drop(stuck);
+        queue.push_back(call("u1", "c2"));
+        assert_eq!(next(&link, &mut queue).0, Vec::<String>::new());
+        drop(fresh);
+    }
+
+    #[test]
     fn a_batch_is_bounded() {
+        let link = Link::default();
         let mut queue: VecDeque<Call<Link>> = (0..MAX_PAIRS_PER_STATEMENT + 3)
             .map(|i| call(&format!("u{i}"), &format!("c{i}")))
             .collect();
-        assert_eq!(Link::next_batch(&mut queue).len(), MAX_PAIRS_PER_STATEMENT);
+        assert_eq!(next(&link, &mut queue).0.len(), MAX_PAIRS_PER_STATEMENT);
         assert_eq!(queue.len(), 3);
     }
 }

@@ -53,17 +53,27 @@ pub(super) trait Work: Send + Sync + 'static {
     type Request: Send + 'static;
     type Answer: Send + 'static;
 
+    /// What a shared statement holds while it is in flight (released when
+    /// it is dropped, after the statement ended).
+    type Claim: Send + 'static;
+
     /// Statements in flight before calls start to queue.
     const IN_FLIGHT: usize;
-    /// How many of those may answer more than one call at a time.
-    const SHARED_IN_FLIGHT: usize;
 
     /// For metrics: `link`, `get_by_user`, `get_by_customer`.
     fn name(&self) -> &'static str;
 
     /// Moves the calls the next shared statement answers out of `queue`
-    /// (at least the first).
-    fn next_batch(queue: &mut VecDeque<Call<Self>>) -> Vec<Call<Self>>;
+    /// (never empty), or `None` when none of them may go out before a
+    /// statement in flight ends.
+    fn next_batch(
+        &self,
+        queue: &mut VecDeque<Call<Self>>,
+    ) -> Option<(Vec<Call<Self>>, Self::Claim)>;
+
+    /// The statements in flight are no longer counted ([`Lane::forget`]):
+    /// neither are their claims.
+    fn forget(&self) {}
 
     /// Sends one statement answering every call of `batch` (never empty),
     /// and answers each of them.
@@ -104,8 +114,6 @@ impl<W: Work> std::fmt::Debug for Lane<W> {
 struct State<W: Work> {
     /// Statements in flight that count against [`Work::IN_FLIGHT`].
     in_flight: usize,
-    /// Of which shared (counting against [`Work::SHARED_IN_FLIGHT`]).
-    shared_in_flight: usize,
     /// Bumped by `forget`: statements of older generations no longer count.
     generation: u64,
     /// Calls waiting for the next statement, oldest first.
@@ -118,12 +126,11 @@ struct InFlight<W: Work> {
     lane: Arc<Lane<W>>,
     pool: Pool,
     generation: u64,
-    shared: bool,
 }
 
 impl<W: Work> Drop for InFlight<W> {
     fn drop(&mut self) {
-        self.lane.finished(&self.pool, self.generation, self.shared);
+        self.lane.finished(&self.pool, self.generation);
     }
 }
 
@@ -133,7 +140,6 @@ impl<W: Work> Lane<W> {
             work,
             state: Mutex::new(State {
                 in_flight: 0,
-                shared_in_flight: 0,
                 generation: 0,
                 queued: VecDeque::new(),
             }),
@@ -177,7 +183,6 @@ impl<W: Work> Lane<W> {
                 lane: self.clone(),
                 pool: pool.clone(),
                 generation,
-                shared: false,
             };
             self.run(pool, vec![call]).await;
         }
@@ -211,13 +216,10 @@ impl<W: Work> Lane<W> {
 
     /// A statement of `generation` ended: what is queued, if anything, goes
     /// out as the next statement, which takes over its place in flight.
-    fn finished(self: &Arc<Self>, pool: &Pool, generation: u64, shared: bool) {
-        let mut state = self.lock();
+    fn finished(self: &Arc<Self>, pool: &Pool, generation: u64) {
+        let state = self.lock();
         if generation != state.generation {
             return;
-        }
-        if shared {
-            state.shared_in_flight -= 1;
         }
         self.send_queued(state, pool);
     }
@@ -231,29 +233,30 @@ impl<W: Work> Lane<W> {
         state
             .queued
             .retain(|call| !call.reply.is_closed() && call.until > now);
-        if state.queued.is_empty() {
-            state.in_flight -= 1;
-            metrics::gauge!(QUEUED, "op" => self.work.name()).set(0.0);
-            return;
-        }
-        let shared = state.shared_in_flight < W::SHARED_IN_FLIGHT;
-        let batch = if shared {
-            state.shared_in_flight += 1;
-            W::next_batch(&mut state.queued)
+        let next = if state.queued.is_empty() {
+            None
         } else {
-            state.queued.pop_front().into_iter().collect()
+            self.work.next_batch(&mut state.queued)
         };
         metrics::gauge!(QUEUED, "op" => self.work.name()).set(state.queued.len() as f64);
+        let Some((batch, claim)) = next else {
+            // Nothing may go out now: give the place back. Calls left queued
+            // wait for a statement in flight, whose end sends them.
+            state.in_flight -= 1;
+            return;
+        };
         let in_flight = InFlight {
             lane: self.clone(),
             pool: pool.clone(),
             generation: state.generation,
-            shared,
         };
         drop(state);
         tokio::spawn(async move {
             let lane = in_flight.lane.clone();
             lane.run(&in_flight.pool, batch).await;
+            // The statement ended: what it held is free before the next
+            // statement forms.
+            drop(claim);
             drop(in_flight);
         });
     }
@@ -263,7 +266,7 @@ impl<W: Work> Lane<W> {
     pub fn forget(self: &Arc<Self>, pool: &Pool) {
         let mut state = self.lock();
         state.generation += 1;
-        state.shared_in_flight = 0;
+        self.work.forget();
         // One place, which `send_queued` takes or gives back.
         state.in_flight = 1;
         self.send_queued(state, pool);

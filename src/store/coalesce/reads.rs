@@ -73,14 +73,14 @@ impl Read {
 impl Work for Read {
     type Request = String;
     type Answer = Option<Model>;
+    /// Reads take no locks: any number may share a key.
+    type Claim = ();
 
     /// Two: while one statement is on its way, the next batch forms and can
     /// go out as soon as the first returns its connection, so the database
     /// always has the next read to do; more would only split the same Gets
     /// into smaller batches.
     const IN_FLIGHT: usize = 2;
-    /// Reads can all be shared: they take no locks.
-    const SHARED_IN_FLIGHT: usize = 2;
 
     fn name(&self) -> &'static str {
         match self.0 {
@@ -89,8 +89,8 @@ impl Work for Read {
         }
     }
 
-    fn next_batch(queue: &mut VecDeque<Call<Self>>) -> Vec<Call<Self>> {
-        queue.drain(..).collect()
+    fn next_batch(&self, queue: &mut VecDeque<Call<Self>>) -> Option<(Vec<Call<Self>>, ())> {
+        Some((queue.drain(..).collect(), ()))
     }
 
     async fn run(&self, pool: &Pool, batch: Vec<Call<Self>>) {
