@@ -10,7 +10,13 @@ async fn main() -> std::process::ExitCode {
     // A refused setting ends the process here (one line, status 2), before
     // anything binds or connects.
     let cli = Cli::load();
-    let _flush_logs_on_exit = telemetry::init(cli.settings.log_format);
+    let _flush_logs_on_exit = match telemetry::init(cli.settings.log_format) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("cannot start the log writer: {err:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings).await,
         Command::Migrate => startup::migrate(&cli.settings.database).await,
