@@ -164,6 +164,7 @@ pub mod bounds {
     pub const DATABASE_MAX_CONNECTIONS: Bounded<u32> = Bounded::new(1, 1000);
     pub const DATABASE_ACQUIRE_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(60));
     pub const DATABASE_CONNECT_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(60));
+    pub const DATABASE_STALL_TIMEOUT: Bounded<Duration> = Bounded::new(ms(1), secs(60));
     pub const SQLITE_BUSY_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(60));
     pub const HEALTH_PROBE_INTERVAL: Bounded<Duration> = Bounded::new(ms(10), secs(600));
     /// Also shorter than the probe interval (checked with it).
@@ -191,7 +192,7 @@ pub mod bounds {
 
 /// Each ranged argument's id and its range, for `--help` (the parsers are
 /// given in the attributes; a unit test checks the two agree).
-fn ranges() -> [(&'static str, String); 15] {
+fn ranges() -> [(&'static str, String); 16] {
     use bounds::*;
     [
         (
@@ -206,6 +207,7 @@ fn ranges() -> [(&'static str, String); 15] {
             "database_connect_timeout",
             DATABASE_CONNECT_TIMEOUT.to_string(),
         ),
+        ("database_stall_timeout", DATABASE_STALL_TIMEOUT.to_string()),
         ("sqlite_busy_timeout", SQLITE_BUSY_TIMEOUT.to_string()),
         ("health_probe_interval", HEALTH_PROBE_INTERVAL.to_string()),
         (
@@ -295,6 +297,12 @@ pub struct DatabaseSettings {
     /// How long opening one database connection may take.
     #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "5s", value_parser = bounds::DATABASE_CONNECT_TIMEOUT, global = true)]
     pub database_connect_timeout: Duration,
+
+    /// PostgreSQL: how long a statement may be in flight before the calls
+    /// queued to share the next one go out without it (a Link waiting on a
+    /// lock holds up no other keys for longer).
+    #[arg(long, env = "DATABASE_STALL_TIMEOUT", default_value = "100ms", value_parser = bounds::DATABASE_STALL_TIMEOUT, global = true)]
+    pub database_stall_timeout: Duration,
 
     /// SQLite only: how long a write waits for another writer.
     #[arg(long, env = "SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = bounds::SQLITE_BUSY_TIMEOUT, global = true)]
@@ -636,6 +644,7 @@ impl DatabaseSettings {
             max_connections: self.database_max_connections,
             acquire_timeout: self.database_acquire_timeout,
             connect_timeout: self.database_connect_timeout,
+            stall_timeout: self.database_stall_timeout,
             sqlite_busy_timeout: self.sqlite_busy_timeout,
         }
     }

@@ -56,6 +56,9 @@ pub struct PoolOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
     pub connect_timeout: Duration,
+    /// PostgreSQL: when a statement in flight stops holding up the calls
+    /// queued behind it (`coalesce/`).
+    pub stall_timeout: Duration,
     /// SQLite only: how long a writer waits for another writer's lock.
     pub sqlite_busy_timeout: Duration,
 }
@@ -170,8 +173,8 @@ impl Database {
             }
             Backend::Postgres(PostgresDb {
                 pool,
-                reads: Arc::new(coalesce::Reads::new()),
-                links: Arc::new(coalesce::Links::new()),
+                reads: Arc::new(coalesce::Reads::new(options.stall_timeout)),
+                links: Arc::new(coalesce::Links::new(options.stall_timeout)),
             })
         } else {
             let conn = connect_sqlite(url, options).await?;

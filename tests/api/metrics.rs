@@ -30,6 +30,22 @@ pub(crate) fn sample(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Waits (polling the server's gauge, bounded) until `n` calls of `op`
+/// queue to share the next database statement.
+pub(crate) async fn wait_until_queued(metrics: SocketAddr, op: &str, n: usize) {
+    let label = format!("op=\"{op}\"");
+    let mut body = String::new();
+    for _ in 0..1000 {
+        body = http_get(metrics, "/metrics").await.1;
+        let queued = sample(&body, "customer_mapping_db_queued_calls", &[&label]);
+        if queued == Some(n as f64) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{n} calls of {op} never queued:\n{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_rpcs_by_method_and_code() {
     let database = TestDatabase::create(Backend::Sqlite).await;

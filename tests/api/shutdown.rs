@@ -58,10 +58,11 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     let url = with_password(&database.url);
     let server = ServerProcess::start(&[
         ("DATABASE_URL", &url),
-        ("HEALTH_PROBE_INTERVAL", "100ms"),
-        ("HEALTH_PROBE_TIMEOUT", "90ms"),
         ("SHUTDOWN_DRAIN_TIMEOUT", "10s"),
         ("DATABASE_MAX_CONNECTIONS", "4"),
+        ("METRICS_ADDR", "127.0.0.1:0"),
+        // The Links queued behind the one on the lock stay queued.
+        ("DATABASE_STALL_TIMEOUT", "1m"),
     ]);
     helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
     let mut health = HealthClient::new(helpers::channel(server.addr).await);
@@ -75,11 +76,13 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     let first = updates.message().await.expect("Watch").expect("open");
     assert_eq!(first.status, ServingStatus::Serving as i32);
 
-    // Slow in-flight calls: they wait on a table lock held by the test.
+    // Slow in-flight calls: one waits on a table lock held by the test, the
+    // others are queued behind it to share the next statement.
     let outside = Database::connect(&database.url).await.expect("connect");
     let lock = helpers::pg::lock_table(&outside).await;
     let links = spawn_links(&server, IN_FLIGHT);
-    helpers::pg::wait_until_sessions_wait_on_a_lock(&outside, IN_FLIGHT as i64).await;
+    helpers::pg::wait_until_sessions_wait_on_a_lock(&outside, 1).await;
+    crate::metrics::wait_until_queued(server.metrics_addr(), "link", IN_FLIGHT - 1).await;
 
     server.sigterm();
 

@@ -22,6 +22,16 @@
 //! concurrent calls. What each kind of work adds to this is argued in its
 //! own module.
 //!
+//! # Stalls
+//!
+//! A statement in flight for the stall timeout (`DATABASE_STALL_TIMEOUT`,
+//! 100 ms by default) stops counting against
+//! [`Work::IN_FLIGHT`]: what is queued goes out without it. A Link that
+//! waits on a key another transaction holds (an import's batch, a replica's
+//! Link, someone's open transaction) then holds up nobody but the Links it
+//! answers. This is no batching timer: no call ever waits for it, it only
+//! bounds how long calls wait behind a statement that is not theirs.
+//!
 //! # Bounds
 //!
 //! A queued call waits no longer than its own deadline, and a call whose
@@ -38,6 +48,7 @@ mod reads;
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use sea_orm::{DbErr, RuntimeErr};
@@ -97,6 +108,10 @@ impl<W: Work + ?Sized> Call<W> {
 /// The statements of one kind of work, and the calls waiting for them.
 pub(super) struct Lane<W: Work> {
     work: W,
+    /// How long a statement may be in flight before it stops holding up
+    /// the calls queued behind it: well above a statement's few
+    /// milliseconds, so that under load it changes nothing.
+    stall_timeout: Duration,
     state: Mutex<State<W>>,
 }
 
@@ -126,18 +141,30 @@ struct InFlight<W: Work> {
     lane: Arc<Lane<W>>,
     pool: Pool,
     generation: u64,
+    /// Still counted against [`Work::IN_FLIGHT`].
+    counted: bool,
+}
+
+impl<W: Work> InFlight<W> {
+    /// Stops counting this statement: its place goes to what is queued.
+    fn release(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.lane.finished(&self.pool, self.generation);
+        }
+    }
 }
 
 impl<W: Work> Drop for InFlight<W> {
     fn drop(&mut self) {
-        self.lane.finished(&self.pool, self.generation);
+        self.release();
     }
 }
 
 impl<W: Work> Lane<W> {
-    pub fn new(work: W) -> Self {
+    pub fn new(work: W, stall_timeout: Duration) -> Self {
         Self {
             work,
+            stall_timeout,
             state: Mutex::new(State {
                 in_flight: 0,
                 generation: 0,
@@ -179,12 +206,13 @@ impl<W: Work> Lane<W> {
             }
         };
         if let Some((call, generation)) = alone {
-            let _in_flight = InFlight {
+            let in_flight = InFlight {
                 lane: self.clone(),
                 pool: pool.clone(),
                 generation,
+                counted: true,
             };
-            self.run(pool, vec![call]).await;
+            self.run_counted(pool, vec![call], in_flight, None).await;
         }
         wait(answer, until).await
     }
@@ -206,6 +234,45 @@ impl<W: Work> Lane<W> {
         };
         self.run(pool, vec![call]).await;
         wait(answer, until).await
+    }
+
+    /// Runs a statement that holds a place in flight, giving the place up
+    /// if it stalls. Whatever it claimed is released when it ends, before
+    /// the next statement forms.
+    async fn run_counted(
+        self: &Arc<Self>,
+        pool: &Pool,
+        batch: Vec<Call<W>>,
+        mut in_flight: InFlight<W>,
+        claim: Option<W::Claim>,
+    ) {
+        let run = self.run(pool, batch);
+        tokio::pin!(run);
+        let stalled = tokio::time::timeout(self.stall_timeout, &mut run)
+            .await
+            .is_err();
+        if stalled {
+            in_flight.release();
+            run.await;
+        }
+        drop(claim);
+        if stalled {
+            // Its place went to others long ago; what waited on its keys
+            // goes out now if a place is free.
+            self.kick(pool);
+        } else {
+            // Gives the place to what is queued.
+            drop(in_flight);
+        }
+    }
+
+    /// Sends what is queued if a place is free.
+    fn kick(self: &Arc<Self>, pool: &Pool) {
+        let mut state = self.lock();
+        if state.in_flight < W::IN_FLIGHT && !state.queued.is_empty() {
+            state.in_flight += 1;
+            self.send_queued(state, pool);
+        }
     }
 
     async fn run(&self, pool: &Pool, batch: Vec<Call<W>>) {
@@ -249,15 +316,12 @@ impl<W: Work> Lane<W> {
             lane: self.clone(),
             pool: pool.clone(),
             generation: state.generation,
+            counted: true,
         };
         drop(state);
         tokio::spawn(async move {
-            let lane = in_flight.lane.clone();
-            lane.run(&in_flight.pool, batch).await;
-            // The statement ended: what it held is free before the next
-            // statement forms.
-            drop(claim);
-            drop(in_flight);
+            let (lane, pool) = (in_flight.lane.clone(), in_flight.pool.clone());
+            lane.run_counted(&pool, batch, in_flight, Some(claim)).await;
         });
     }
 

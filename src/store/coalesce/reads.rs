@@ -6,7 +6,7 @@
 //! taken after the Get arrived and read before it returns.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use sea_orm::{
     ColumnTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryTrait,
@@ -29,10 +29,10 @@ pub(in crate::store) struct Reads {
 }
 
 impl Reads {
-    pub fn new() -> Self {
+    pub fn new(stall_timeout: Duration) -> Self {
         Self {
-            by_user: Arc::new(Lane::new(Read(Column::UserId))),
-            by_customer: Arc::new(Lane::new(Read(Column::StripeCustomerId))),
+            by_user: Arc::new(Lane::new(Read(Column::UserId), stall_timeout)),
+            by_customer: Arc::new(Lane::new(Read(Column::StripeCustomerId), stall_timeout)),
         }
     }
 
