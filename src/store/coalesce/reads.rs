@@ -76,11 +76,13 @@ impl Work for Read {
     /// Reads take no locks: any number may share a key.
     type Claim = ();
 
-    /// Two: while one statement is on its way, the next batch forms and can
-    /// go out as soon as the first returns its connection, so the database
-    /// always has the next read to do; more would only split the same Gets
-    /// into smaller batches.
-    const IN_FLIGHT: usize = 2;
+    /// One, as for Links. Measured against two on this machine
+    /// (docs/PERFORMANCE.md): the Gets that queue behind one read make
+    /// bigger batches (get at 32 in flight: 13,793 and 18,104 Gets/s
+    /// against 11,297 and 10,533, PostgreSQL's CPU per Get 20-25 us against
+    /// 37-41). Reads wait on no lock; a read the database is slow to answer
+    /// stops holding up the queue after the stall timeout.
+    const IN_FLIGHT: usize = 1;
 
     fn name(&self) -> &'static str {
         match self.0 {
