@@ -548,17 +548,6 @@ mod tests {
         }
     }
 
-    fn request(user: &str, customer: &str) -> LinkRequest {
-        LinkRequest {
-            user_id: user.to_owned(),
-            stripe_customer_id: customer.to_owned(),
-            created_at: DateTime::UNIX_EPOCH,
-            token: 0,
-            caller: String::new(),
-            request_id: String::new(),
-        }
-    }
-
     fn ids(attempt: &LinkAttempt) -> Vec<i64> {
         match attempt {
             LinkAttempt::Created(row) => vec![-row.id],
@@ -570,12 +559,12 @@ mod tests {
     #[test]
     fn each_pair_of_a_shared_statement_gets_its_own_outcome() {
         let requests = [
-            request("new", "cus_new"),   // inserted
-            request("u1", "cus_1"),      // a replay: its own row
-            request("u2", "cus_other"),  // the user is taken
-            request("u3", "cus_3"),      // the customer is taken (by u9)
-            request("u4", "cus_4"),      // both, by two rows
-            request("late", "cus_late"), // conflicted with a row it cannot see
+            LinkRequest::of("new", "cus_new"),   // inserted
+            LinkRequest::of("u1", "cus_1"),      // a replay: its own row
+            LinkRequest::of("u2", "cus_other"),  // the user is taken
+            LinkRequest::of("u3", "cus_3"),      // the customer is taken (by u9)
+            LinkRequest::of("u4", "cus_4"),      // both, by two rows
+            LinkRequest::of("late", "cus_late"), // conflicted with a row it cannot see
         ];
         let linked = Linked {
             created: vec![row(10, "new", "cus_new")],

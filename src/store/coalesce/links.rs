@@ -60,6 +60,19 @@ pub(in crate::store) struct LinkRequest {
 }
 
 impl LinkRequest {
+    /// A request for `user` and `customer`, the rest zero (unit tests).
+    #[cfg(test)]
+    pub fn of(user: &str, customer: &str) -> Self {
+        Self {
+            user_id: user.to_owned(),
+            stripe_customer_id: customer.to_owned(),
+            created_at: DateTime::UNIX_EPOCH,
+            token: 0,
+            caller: String::new(),
+            request_id: String::new(),
+        }
+    }
+
     fn pair(&self) -> Pair<'_> {
         Pair {
             user_id: &self.user_id,
@@ -272,19 +285,7 @@ mod tests {
     use super::*;
 
     fn call(user: &str, customer: &str) -> Call<Link> {
-        let (reply, _answer) = tokio::sync::oneshot::channel();
-        Call {
-            request: LinkRequest {
-                user_id: user.to_owned(),
-                stripe_customer_id: customer.to_owned(),
-                created_at: DateTime::UNIX_EPOCH,
-                token: 0,
-                caller: String::new(),
-                request_id: String::new(),
-            },
-            until: Instant::now(),
-            reply,
-        }
+        Call::new(LinkRequest::of(user, customer), Instant::now()).0
     }
 
     fn pairs(calls: impl IntoIterator<Item = impl std::borrow::Borrow<Call<Link>>>) -> Vec<String> {

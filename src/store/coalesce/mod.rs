@@ -99,6 +99,22 @@ pub(super) struct Call<W: Work + ?Sized> {
 }
 
 impl<W: Work + ?Sized> Call<W> {
+    /// A call, and where its answer arrives.
+    fn new(
+        request: W::Request,
+        until: Instant,
+    ) -> (Self, oneshot::Receiver<Result<W::Answer, DbErr>>) {
+        let (reply, answer) = oneshot::channel();
+        (
+            Call {
+                request,
+                until,
+                reply,
+            },
+            answer,
+        )
+    }
+
     pub fn answer(self, answer: Result<W::Answer, DbErr>) {
         // A caller that left needs no answer.
         let _ = self.reply.send(answer);
@@ -188,12 +204,7 @@ impl<W: Work> Lane<W> {
         request: W::Request,
         until: Instant,
     ) -> Result<W::Answer, DbErr> {
-        let (reply, answer) = oneshot::channel();
-        let call = Call {
-            request,
-            until,
-            reply,
-        };
+        let (call, answer) = Call::new(request, until);
         let alone = {
             let mut state = self.lock();
             if state.in_flight < W::IN_FLIGHT {
@@ -226,12 +237,7 @@ impl<W: Work> Lane<W> {
         request: W::Request,
         until: Instant,
     ) -> Result<W::Answer, DbErr> {
-        let (reply, answer) = oneshot::channel();
-        let call = Call {
-            request,
-            until,
-            reply,
-        };
+        let (call, answer) = Call::new(request, until);
         self.run(pool, vec![call]).await;
         wait(answer, until).await
     }
