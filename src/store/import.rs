@@ -33,10 +33,9 @@ use tokio::time::Instant;
 use super::{
     Backend, Database, SqliteDb,
     entity::{ActiveModel, Column, Entity as StripeCustomers, Model},
-    errors::{is_connection_lost, is_read_only, is_rolled_back_by_database},
     event_entity::{ActiveModel as EventModel, Entity as MappingEvents},
     events::{Actor, KIND_LINKED},
-    link::{Pair, link_pairs},
+    link::{Pair, is_worth_repeating, link_pairs},
     postgres::Pool,
 };
 
@@ -133,10 +132,6 @@ pub async fn import_batch(
         }
         Err(err) => Err(err),
     }
-}
-
-fn is_worth_repeating(err: &DbErr) -> bool {
-    is_rolled_back_by_database(err) || is_connection_lost(err) || is_read_only(err)
 }
 
 /// A dry run on PostgreSQL: the rows holding any user or customer of

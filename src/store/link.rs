@@ -442,7 +442,9 @@ pub(super) fn after_failure(err: DbErr, until: Instant) -> Result<LinkAttempt, D
     }
 }
 
-fn is_worth_repeating(err: &DbErr) -> bool {
+/// The database wrote nothing (it aborted the statement, or it is a
+/// standby), or the connection was lost: running it again is safe.
+pub(super) fn is_worth_repeating(err: &DbErr) -> bool {
     is_rolled_back_by_database(err) || is_connection_lost(err) || is_read_only(err)
 }
 
