@@ -639,16 +639,6 @@ pub enum LogFormat {
 }
 
 impl DatabaseSettings {
-    pub fn pool_options(&self) -> crate::store::PoolOptions {
-        crate::store::PoolOptions {
-            max_connections: self.database_max_connections,
-            acquire_timeout: self.database_acquire_timeout,
-            connect_timeout: self.database_connect_timeout,
-            stall_timeout: self.database_stall_timeout,
-            sqlite_busy_timeout: self.sqlite_busy_timeout,
-        }
-    }
-
     /// The URL without its password, safe for a log line.
     pub fn redacted_url(&self) -> String {
         self.database_url.redacted()

@@ -1,6 +1,6 @@
 //! `grpc.health.v1` driven by the database: SERVING only while it answers.
 //!
-//! One background task, [`supervise_database`], first brings the database up
+//! One background task, [`supervise_database`], first opens the database
 //! (connect, then migrate when configured), retrying every probe interval
 //! while it does not answer, so the server starts and reports NOT_SERVING
 //! instead of crash-looping. Once up, it pings the database every interval
@@ -12,7 +12,12 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{config::DatabaseSettings, proto::SERVICE_NAME, store, telemetry::metrics};
+use crate::{
+    config::DatabaseSettings,
+    proto::SERVICE_NAME,
+    store::{Database, Failure, Migrations, Store},
+    telemetry::metrics,
+};
 
 /// Health of `""` (the whole server) and of the CustomerMapping service,
 /// which always agree: the service is only as healthy as its database.
@@ -84,17 +89,17 @@ pub struct ProbeSettings {
     pub timeout: Duration,
 }
 
-/// Brings the database up, publishes it in `store`, then keeps `health` in
+/// Opens the database, publishes it in `store`, then keeps `health` in
 /// step with it until `stop` is cancelled.
 ///
-/// Errors that time can fix keep being retried every interval with
+/// Failures that time can fix keep being retried every interval with
 /// NOT_SERVING, but are logged once per change (the first failure, then
 /// each change of kind), not once per probe: a long outage must not bury
 /// the log.
 pub async fn supervise_database(
     database: DatabaseSettings,
     probe: ProbeSettings,
-    store: store::Store,
+    store: Store,
     health: Health,
     stop: CancellationToken,
 ) {
@@ -107,52 +112,28 @@ pub async fn supervise_database(
             _ = ticks.tick() => {}
             () = stop.cancelled() => return,
         }
-        let check = async {
-            match store.get() {
-                None => match bring_up(&database).await {
-                    Ok(db) => {
-                        store.set(db);
-                        tracing::info!(database = %database.redacted_url(), "database connected");
-                        Ok(())
-                    }
-                    Err(err) => Err(err),
-                },
-                Some(db) => db.ping(probe.timeout).await.map_err(|err| {
-                    // Connections opened before may sit on the path that
-                    // stopped answering: open fresh ones from now on.
-                    db.forget_connections();
-                    BringUpError::from(err)
-                }),
-            }
-        };
-        // A connection attempt can take the whole connect timeout: shutdown
-        // must not wait for it.
+        // Opening can take the whole connect timeout: shutdown must not
+        // wait for it.
         let checked = tokio::select! {
-            checked = check => checked,
+            checked = check(&database, probe, &store) => checked,
             () = stop.cancelled() => return,
         };
         if let Some(db) = store.get() {
             metrics::record_pool(db.stats());
         }
-        let answered = match checked {
-            Ok(()) => {
-                last_failure = None;
-                true
-            }
-            Err(err) => {
-                if last_failure != Some(err.kind) {
-                    last_failure = Some(err.kind);
-                    tracing::warn!(
-                        error = %err,
-                        kind = err.kind,
-                        retry_in = ?probe.interval,
-                        "database not answering; retrying every interval (logged again when \
-                         the kind of failure changes)"
-                    );
-                }
-                false
-            }
-        };
+        if let Err(failure) = &checked
+            && last_failure != Some(failure.kind)
+        {
+            tracing::warn!(
+                error = %failure,
+                kind = failure.kind,
+                retry_in = ?probe.interval,
+                "database not answering; retrying every interval (logged again when \
+                 the kind of failure changes)"
+            );
+        }
+        last_failure = checked.as_ref().err().map(|failure| failure.kind);
+        let answered = checked.is_ok();
         // Publish changes only: every publication wakes every Watch stream.
         if answered != serving {
             if answered {
@@ -166,43 +147,21 @@ pub async fn supervise_database(
     }
 }
 
-/// Why the database could not be brought up or did not answer a probe.
-#[derive(Debug)]
-pub struct BringUpError {
-    kind: &'static str,
-    error: anyhow::Error,
-}
-
-impl std::fmt::Display for BringUpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.error)
+/// One probe: opens the database if it is not open yet, else pings it.
+async fn check(
+    database: &DatabaseSettings,
+    probe: ProbeSettings,
+    store: &Store,
+) -> Result<(), Failure> {
+    if let Some(db) = store.get() {
+        return db.ping(probe.timeout).await;
     }
-}
-
-impl std::error::Error for BringUpError {}
-
-impl From<sea_orm::DbErr> for BringUpError {
-    fn from(err: sea_orm::DbErr) -> Self {
-        Self {
-            kind: store::failure_kind(&err),
-            error: err.into(),
-        }
-    }
-}
-
-/// Connects and, when configured, migrates; each step bounded by the store.
-pub async fn bring_up(database: &DatabaseSettings) -> Result<store::Database, BringUpError> {
-    store::Database::open(
-        database.database_url.expose_secret(),
-        &database.pool_options(),
-        database.migrate_on_start,
-    )
-    .await
-    .map_err(|err| {
-        let mut err = BringUpError::from(err);
-        err.error = err
-            .error
-            .context(format!("bringing up {}", database.redacted_url()));
-        err
-    })
+    let migrations = if database.migrate_on_start {
+        Migrations::Apply
+    } else {
+        Migrations::Leave
+    };
+    store.set(Database::open(database, migrations).await?);
+    tracing::info!(database = %database.redacted_url(), "database connected");
+    Ok(())
 }

@@ -1,10 +1,13 @@
 //! customer-mapping: the single source of truth for which Stripe customer
 //! belongs to which user, served over gRPC.
 //!
-//! Layers, outside in: `grpc` (decode, validate, call, map errors) →
-//! `mapping` (the domain: ids, rules, errors) → `store` (SeaORM).
-//! `import` (the `import` subcommand) reads a source and writes through
-//! `store` with Link's rules.
+//! Layers, outside in: `startup` assembles everything; `grpc` (decode,
+//! validate, call, map errors) calls `mappings` (what each RPC does), which
+//! calls `store` (the database, PostgreSQL or SQLite); all of them speak
+//! `mapping` (the domain: ids, rules, errors), which depends on none of
+//! them. `import` (the `import` subcommand) reads a source and writes
+//! through `store` with the domain's rules. `config`, `telemetry` and
+//! `proto` are leaves every layer may use.
 
 pub mod auth;
 pub mod config;
@@ -12,7 +15,9 @@ pub mod grpc;
 pub mod health;
 pub mod import;
 pub mod mapping;
+pub mod mappings;
 pub mod proto;
+pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

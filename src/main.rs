@@ -44,7 +44,8 @@ async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<
         database = %settings.database.redacted_url(),
         "serving customermapping.v1.CustomerMapping"
     );
-    app.run_until(startup::shutdown_signal()).await?;
+    app.run_until(customer_mapping::shutdown::shutdown_signal())
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

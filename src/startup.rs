@@ -23,8 +23,9 @@ use crate::{
         reflection_interceptor,
     },
     health::{self, Health, ProbeSettings},
-    mapping::Mappings,
-    proto, store,
+    mappings::Mappings,
+    proto,
+    store::{self, Database, Migrations},
     telemetry::metrics,
     transport::{
         self, ConnectionLimits,
@@ -444,41 +445,9 @@ async fn plaintext(tcp: tokio::net::TcpStream) -> std::io::Result<tokio::net::Tc
 
 /// Applies pending migrations and returns (the `migrate` subcommand).
 pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
-    let settings = DatabaseSettings {
-        migrate_on_start: true,
-        ..settings.clone()
-    };
-    let db = health::bring_up(&settings).await?;
+    let db = Database::open(settings, Migrations::Apply).await?;
     db.close(POOL_CLOSE_TIMEOUT)
         .await
         .context("closing the database pool")?;
     Ok(())
-}
-
-/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = terminate => tracing::info!("SIGTERM received, shutting down"),
-    }
 }

@@ -75,7 +75,7 @@ impl Guard {
         let actor = Actor::new(caller.to_string(), request_id.to_owned());
         let result = tokio::time::timeout_at(
             due,
-            crate::mapping::with_deadline(due, handler(request.into_inner(), actor)),
+            crate::mappings::with_deadline(due, handler(request.into_inner(), actor)),
         )
         .await
         .unwrap_or_else(|_| Err(status::deadline_exceeded()));

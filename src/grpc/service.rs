@@ -12,7 +12,8 @@ use super::{
     request::{get_key, link_arguments, unlink_key},
 };
 use crate::auth::Rpc;
-use crate::mapping::{Actor, Mappings};
+use crate::mapping::Actor;
+use crate::mappings::Mappings;
 use crate::proto::{
     BatchGetRequest, BatchGetResponse, BatchGetResult, GetRequest, GetResponse, LinkRequest,
     LinkResponse, ListEventsRequest, ListEventsResponse, ListRequest, ListResponse, UnlinkRequest,

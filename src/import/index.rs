@@ -15,104 +15,69 @@
 //! `USER_ALREADY_LINKED`; in a dry run it could refuse a row that the real
 //! run would create. A dry run is a preview.
 
-use std::{
-    collections::HashSet,
-    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
-};
+use std::{collections::HashSet, hash::BuildHasherDefault};
 
 use super::{Outcome, Valid};
-
-/// The fingerprints of one row's ids.
-#[derive(Debug, Clone, Copy)]
-pub struct Keys {
-    pub user: u64,
-    pub customer: u64,
-}
-
-type Fingerprints = HashSet<u64, PassThrough>;
+use crate::mapping::{KeyFingerprints, KeySet, LinkKeys, Mapping, PassThrough};
 
 /// Fingerprints of the accepted rows (created or already present).
 pub struct InputIndex {
-    hasher: RandomState,
-    pairs: Fingerprints,
+    fingerprints: KeyFingerprints,
+    pairs: HashSet<u64, BuildHasherDefault<PassThrough>>,
     /// A dry run's accepted users and customers.
-    sides: Option<(Fingerprints, Fingerprints)>,
+    sides: Option<KeySet>,
 }
 
 impl InputIndex {
     pub fn new(dry_run: bool) -> Self {
         Self {
-            hasher: RandomState::new(),
-            pairs: Fingerprints::default(),
-            sides: dry_run.then(Default::default),
+            fingerprints: KeyFingerprints::default(),
+            pairs: HashSet::default(),
+            sides: dry_run.then(KeySet::default),
         }
     }
 
-    // Users and customers are hashed apart (a tag), so that a user id equal
-    // to a customer id never looks like the same key in a batch.
-    pub fn keys(&self, row: &Valid) -> Keys {
-        Keys {
-            user: self.hasher.hash_one((0u8, row.user_id.as_str())),
-            customer: self.hasher.hash_one((1u8, row.stripe_customer_id.as_str())),
-        }
+    /// The keys of `row`, for the batching rule.
+    pub fn keys(&self, row: &Valid) -> LinkKeys {
+        self.fingerprints
+            .of(row.user_id.as_str(), row.stripe_customer_id.as_str())
     }
 
-    fn pair(&self, user_id: &str, stripe_customer_id: &str) -> u64 {
-        self.hasher.hash_one((2u8, user_id, stripe_customer_id))
+    fn pair(&self, mapping: &Mapping) -> u64 {
+        self.fingerprints.pair(
+            mapping.user_id.as_str(),
+            mapping.stripe_customer_id.as_str(),
+        )
     }
 
-    pub fn accept(&mut self, row: &Valid) {
-        let pair = self.pair(row.user_id.as_str(), row.stripe_customer_id.as_str());
-        self.pairs.insert(pair);
-        let keys = self.keys(row);
-        if let Some((users, customers)) = &mut self.sides {
-            users.insert(keys.user);
-            customers.insert(keys.customer);
+    pub fn accept(&mut self, mapping: &Mapping) {
+        self.pairs.insert(self.pair(mapping));
+        if let Some(sides) = &mut self.sides {
+            sides.add(self.fingerprints.of(
+                mapping.user_id.as_str(),
+                mapping.stripe_customer_id.as_str(),
+            ));
         }
     }
 
     /// Whether an earlier row of the input, accepted, was this pair.
-    pub fn accepted(&self, user_id: &str, stripe_customer_id: &str) -> bool {
-        self.pairs.contains(&self.pair(user_id, stripe_customer_id))
+    pub fn accepted(&self, mapping: &Mapping) -> bool {
+        self.pairs.contains(&self.pair(mapping))
     }
 
     /// A dry run's decision for a row the database has no holder for: what
     /// the earlier accepted rows of the input say.
-    pub fn without_holder(&self, row: &Valid) -> Outcome<'static> {
-        if self.accepted(row.user_id.as_str(), row.stripe_customer_id.as_str()) {
+    pub fn without_holder(&self, mapping: &Mapping) -> Outcome {
+        if self.accepted(mapping) {
             return Outcome::Present;
         }
-        let keys = self.keys(row);
+        let keys = self.fingerprints.of(
+            mapping.user_id.as_str(),
+            mapping.stripe_customer_id.as_str(),
+        );
         match &self.sides {
-            Some((users, customers))
-                if users.contains(&keys.user) || customers.contains(&keys.customer) =>
-            {
-                Outcome::ConflictInInput
-            }
+            Some(sides) if !sides.admits(keys) => Outcome::ConflictInInput,
             _ => Outcome::Created,
         }
-    }
-}
-
-/// The keys are already uniform hashes: hash them no further.
-pub type PassThrough = BuildHasherDefault<Identity>;
-
-#[derive(Default)]
-pub struct Identity(u64);
-
-impl Hasher for Identity {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed with this; fold anything else in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }

@@ -30,8 +30,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ImportArgs, Settings},
-    mapping::{StripeCustomerId, UserId},
-    store::{self, Database, entity::Model},
+    mapping::{
+        Actor, KeySet, LinkAttempt, LinkKeys, LinkOutcome, LinkToken, LinkWrite, Mapping,
+        StripeCustomerId, UserId,
+    },
+    store::{Database, Migrations},
 };
 use index::InputIndex;
 use progress::Counters;
@@ -140,10 +143,10 @@ pub async fn run(settings: &Settings, args: &ImportArgs) -> ExitCode {
 /// a second one ends the process at once (nothing reported as imported is
 /// lost either way: a batch counts only once committed).
 async fn watch_for_interrupts(interrupted: CancellationToken) {
-    crate::startup::shutdown_signal().await;
+    crate::shutdown::shutdown_signal().await;
     interrupted.cancel();
     tracing::warn!("interrupted: stopping after the batch in flight (interrupt again to stop now)");
-    crate::startup::shutdown_signal().await;
+    crate::shutdown::shutdown_signal().await;
     tracing::warn!("interrupted again: stopping now");
     std::process::exit(i32::from(EXIT_INTERRUPTED));
 }
@@ -188,19 +191,14 @@ impl Import {
             .map_err(Failure::Source)?;
         let database = &settings.database;
         // A dry run writes nothing, not even the schema.
-        let db = Database::open(
-            database.database_url.expose_secret(),
-            &database.pool_options(),
-            !args.dry_run,
-        )
-        .await
-        .map_err(|err| {
-            Failure::Target(format!(
-                "cannot open the target database {}: {}",
-                database.redacted_url(),
-                err
-            ))
-        })?;
+        let migrations = if args.dry_run {
+            Migrations::Leave
+        } else {
+            Migrations::Apply
+        };
+        let db = Database::open(database, migrations)
+            .await
+            .map_err(|failure| Failure::Target(format!("cannot use the target: {failure}")))?;
         // A dry run against a database not migrated yet (the first step of
         // an adoption) finds no mapping there.
         let target_is_empty = args.dry_run
@@ -281,7 +279,7 @@ impl Import {
                 Row::Refused(refusal) => batch.refused.push(refusal),
                 Row::Valid(row) => {
                     let keys = self.index.keys(&row);
-                    if batch.overlaps(keys) {
+                    if !batch.admits(keys) {
                         self.apply(std::mem::take(batch)).await?;
                     }
                     batch.push(row, keys);
@@ -322,49 +320,15 @@ impl Import {
         if batch.rows.is_empty() {
             return self.refuse(refused);
         }
-        let time = Utc::now().trunc_subsecs(6);
-        let token = batch_token();
-        let run_id = self.run_id.clone();
-        let actor = store::Actor {
-            caller: IMPORT_CALLER,
-            request_id: &run_id,
-        };
-        let write = (!self.dry_run).then_some(store::ImportWrite { token, time, actor });
-        let mut todo: Vec<&Valid> = batch.rows.iter().collect();
+        let rows = self.writes(batch.rows);
+        let mut todo: Vec<&(u64, LinkWrite)> = rows.iter().collect();
         for _ in 0..MAX_BATCH_ATTEMPTS {
-            let rows: Vec<store::ImportRow<'_>> = todo
-                .iter()
-                .map(|row| store::ImportRow {
-                    user_id: row.user_id.as_str(),
-                    stripe_customer_id: row.stripe_customer_id.as_str(),
-                    created_at: row.created_at.unwrap_or(time),
-                })
-                .collect();
-            let until = Instant::now() + BATCH_TIMEOUT;
-            let attempt = if self.target_is_empty {
-                Ok(store::BatchAttempt::Done {
-                    created: Vec::new(),
-                    holders: Vec::new(),
-                })
-            } else {
-                store::import_batch(&self.db, &rows, write, until).await
-            };
-            let (created, holders) = match attempt {
-                Ok(store::BatchAttempt::Done { created, holders }) => (created, holders),
-                Ok(store::BatchAttempt::Again) => continue,
-                Err(err) => {
-                    return Err(Failure::Target(format!(
-                        "the target database failed: {}",
-                        err
-                    )));
-                }
-            };
-            let decided = Decided::new(&created, &holders);
+            let attempts = self.attempt(&todo).await?;
             let mut again = Vec::new();
-            for row in todo {
-                let outcome = match decided.outcome(row, token) {
+            for (row, attempt) in todo.into_iter().zip(attempts) {
+                let outcome = match Outcome::decided(attempt.outcome(&row.1)) {
                     Some(outcome) => outcome,
-                    None if self.dry_run => self.index.without_holder(row),
+                    None if self.dry_run => self.index.without_holder(&row.1.mapping),
                     None => {
                         again.push(row);
                         continue;
@@ -388,29 +352,70 @@ impl Import {
         Err(Failure::Target(format!(
             "rows from {} on kept conflicting with changes made at the same moment by others; \
              nothing after them was imported. Run the import again",
-            todo.first().map_or(0, |row| row.at)
+            todo.first().map_or(0, |(at, _)| *at)
         )))
     }
 
+    /// What a batch's rows write, each with its place in the source. One
+    /// token for the batch: an attempt run again after a lost answer
+    /// recognises the rows an earlier one inserted.
+    fn writes(&self, rows: Vec<Valid>) -> Vec<(u64, LinkWrite)> {
+        let time = Utc::now().trunc_subsecs(6);
+        let token = LinkToken::random();
+        let actor = Actor::new(IMPORT_CALLER.to_owned(), self.run_id.clone());
+        rows.into_iter()
+            .map(|row| {
+                let mapping = Mapping {
+                    user_id: row.user_id,
+                    stripe_customer_id: row.stripe_customer_id,
+                    created_at: row.created_at.unwrap_or(time),
+                };
+                let write = LinkWrite {
+                    mapping,
+                    token,
+                    time,
+                    actor: actor.clone(),
+                };
+                (row.at, write)
+            })
+            .collect()
+    }
+
+    /// One attempt at `rows`, or (a dry run) what it would find.
+    async fn attempt(&self, rows: &[&(u64, LinkWrite)]) -> Result<Vec<LinkAttempt>, Failure> {
+        if self.target_is_empty {
+            return Ok(rows
+                .iter()
+                .map(|_| LinkAttempt::Holders(Vec::new()))
+                .collect());
+        }
+        let writes: Vec<&LinkWrite> = rows.iter().map(|(_, write)| write).collect();
+        let until = Instant::now() + BATCH_TIMEOUT;
+        let attempts = if self.dry_run {
+            self.db.link_batch_holders(&writes, until).await
+        } else {
+            self.db.link_batch(&writes, until).await
+        };
+        attempts.map_err(|err| Failure::Target(format!("the target database failed: {err}")))
+    }
+
     /// Counts and remembers one decided row; its refusal, if it is refused.
-    fn record(&mut self, row: &Valid, outcome: Outcome<'_>) -> Option<Refusal> {
+    fn record(&mut self, (at, row): &(u64, LinkWrite), outcome: Outcome) -> Option<Refusal> {
+        let mapping = &row.mapping;
         let (reason, holder) = match outcome {
             Outcome::Created => {
                 self.counters.created(1);
-                self.index.accept(row);
+                self.index.accept(mapping);
                 return None;
             }
             Outcome::Present => {
                 self.counters.present(1);
-                self.index.accept(row);
+                self.index.accept(mapping);
                 return None;
             }
             Outcome::ConflictInInput => (Reason::ConflictInInput, None),
             Outcome::Conflict { on_user, holder } => {
-                let reason = if self
-                    .index
-                    .accepted(&holder.user_id, &holder.stripe_customer_id)
-                {
+                let reason = if self.index.accepted(&holder) {
                     Reason::ConflictInInput
                 } else if on_user {
                     Reason::UserAlreadyLinked
@@ -420,7 +425,7 @@ impl Import {
                 (reason, Some(holder))
             }
         };
-        let detail = match (reason, holder) {
+        let detail = match (reason, &holder) {
             (Reason::ConflictInInput, Some(_)) => {
                 "contradicts an earlier row of this input, imported or already present"
             }
@@ -431,11 +436,11 @@ impl Import {
             _ => "the Stripe customer is linked to another user",
         };
         Some(Refusal {
-            at: row.at,
-            user_id: row.user_id.to_string(),
-            stripe_customer_id: row.stripe_customer_id.to_string(),
+            at: *at,
+            user_id: mapping.user_id.to_string(),
+            stripe_customer_id: mapping.stripe_customer_id.to_string(),
             reason,
-            existing: holder.map(|h| (h.user_id.clone(), h.stripe_customer_id.clone())),
+            existing: holder.map(|h| (h.user_id.into(), h.stripe_customer_id.into())),
             detail: detail.to_owned(),
         })
     }
@@ -512,29 +517,22 @@ struct Batch {
     /// Rows the reader refused, reported with the batch so that the report
     /// follows the input's order.
     refused: Vec<Refusal>,
-    keys: std::collections::HashSet<u64, index::PassThrough>,
+    keys: KeySet,
 }
 
 impl Batch {
-    fn overlaps(&self, keys: index::Keys) -> bool {
-        self.keys.contains(&keys.user) || self.keys.contains(&keys.customer)
+    fn admits(&self, keys: LinkKeys) -> bool {
+        self.keys.admits(keys)
     }
 
-    fn push(&mut self, row: Valid, keys: index::Keys) {
-        self.keys.insert(keys.user);
-        self.keys.insert(keys.customer);
+    fn push(&mut self, row: Valid, keys: LinkKeys) {
+        self.keys.add(keys);
         self.rows.push(row);
     }
 }
 
-/// A random token for one batch's rows (see `store::import`).
-fn batch_token() -> i64 {
-    let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
-    high as i64
-}
-
 /// What happened to one row.
-enum Outcome<'a> {
+enum Outcome {
     Created,
     Present,
     /// A dry run found it contradicting an earlier row of the input that is
@@ -543,62 +541,25 @@ enum Outcome<'a> {
     /// Another mapping holds the user (`on_user`) or the customer.
     Conflict {
         on_user: bool,
-        holder: &'a Model,
+        holder: Mapping,
     },
 }
 
-/// One attempt's rows, by key.
-struct Decided<'a> {
-    created: std::collections::HashSet<&'a str>,
-    by_user: std::collections::HashMap<&'a str, &'a Model>,
-    by_customer: std::collections::HashMap<&'a str, &'a Model>,
-}
-
-impl<'a> Decided<'a> {
-    fn new(created: &'a [Model], holders: &'a [Model]) -> Self {
-        Self {
-            created: created.iter().map(|m| m.user_id.as_str()).collect(),
-            by_user: holders.iter().map(|m| (m.user_id.as_str(), m)).collect(),
-            by_customer: holders
-                .iter()
-                .map(|m| (m.stripe_customer_id.as_str(), m))
-                .collect(),
-        }
-    }
-
-    /// Link's decision for `row`; `None` when the attempt saw no row
-    /// holding either key although it did not insert (the conflicting row
-    /// was committed during the statement, or already unlinked): no answer
-    /// is justified yet.
-    fn outcome(&self, row: &Valid, token: i64) -> Option<Outcome<'a>> {
-        let user = row.user_id.as_str();
-        if self.created.contains(user) {
-            return Some(Outcome::Created);
-        }
-        // The row holding the user decides first, as in Link.
-        if let Some(holder) = self.by_user.get(user) {
-            return Some(
-                if holder.stripe_customer_id == row.stripe_customer_id.as_str() {
-                    // This batch's own row, inserted by an attempt whose answer
-                    // was lost, is a creation.
-                    if holder.link_token == Some(token) {
-                        Outcome::Created
-                    } else {
-                        Outcome::Present
-                    }
-                } else {
-                    Outcome::Conflict {
-                        on_user: true,
-                        holder,
-                    }
-                },
-            );
-        }
-        self.by_customer
-            .get(row.stripe_customer_id.as_str())
-            .map(|holder| Outcome::Conflict {
+impl Outcome {
+    /// A row's outcome from Link's; `None` while undecided.
+    fn decided(outcome: LinkOutcome) -> Option<Self> {
+        Some(match outcome {
+            LinkOutcome::Created(_) => Outcome::Created,
+            LinkOutcome::Present(_) => Outcome::Present,
+            LinkOutcome::UserConflict(holder) => Outcome::Conflict {
+                on_user: true,
+                holder,
+            },
+            LinkOutcome::CustomerConflict(holder) => Outcome::Conflict {
                 on_user: false,
                 holder,
-            })
+            },
+            LinkOutcome::Undecided => return None,
+        })
     }
 }

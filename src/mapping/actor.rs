@@ -1,5 +1,3 @@
-use crate::store;
-
 /// Who asked for a change, recorded with it in the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
@@ -12,12 +10,5 @@ pub struct Actor {
 impl Actor {
     pub fn new(caller: String, request_id: String) -> Self {
         Self { caller, request_id }
-    }
-
-    pub(super) fn as_store(&self) -> store::Actor<'_> {
-        store::Actor {
-            caller: &self.caller,
-            request_id: &self.request_id,
-        }
     }
 }

@@ -1,9 +1,6 @@
 use std::borrow::Cow;
 
-use sea_orm::DbErr;
-
 use super::{Key, Mapping};
-use crate::store;
 
 /// A field the caller got wrong, named as in the proto (`keys[3].user_id`
 /// for an element of a repeated field, hence not always static).
@@ -48,15 +45,3 @@ pub enum Error {
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl From<DbErr> for Error {
-    /// The store says what kind of failure it was; the domain decides what
-    /// the caller may do about it.
-    fn from(err: DbErr) -> Self {
-        if store::is_unavailable(&err) {
-            Error::Unavailable(Box::new(err))
-        } else {
-            Error::Internal(Box::new(err))
-        }
-    }
-}

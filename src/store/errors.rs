@@ -3,6 +3,54 @@
 //! what happened.
 
 use sea_orm::{DbErr, RuntimeErr, sqlx};
+use tokio::time::Instant;
+
+use crate::mapping::{Error, LinkAttempt};
+
+impl From<DbErr> for Error {
+    /// The store says what kind of failure it was; the domain's error says
+    /// what the caller may do about it.
+    fn from(err: DbErr) -> Self {
+        if is_unavailable(&err) {
+            Error::Unavailable(Box::new(err))
+        } else {
+            Error::Internal(Box::new(err))
+        }
+    }
+}
+
+/// What a failed Link statement means for an attempt that may go on until
+/// `until`: run it again when nothing can be written twice by doing so
+/// ([`is_worth_repeating`]) and there is time left.
+pub(super) fn attempt_after(err: DbErr, until: Instant) -> Result<LinkAttempt, DbErr> {
+    if is_worth_repeating(&err) && Instant::now() < until {
+        tracing::debug!(error = %err, "link attempt failed; repeating");
+        Ok(LinkAttempt::Again)
+    } else {
+        Err(err)
+    }
+}
+
+/// [`attempt_after`] for each of `n` Links that shared the failed
+/// statement.
+pub(super) fn attempts_after(
+    err: DbErr,
+    n: usize,
+    until: Instant,
+) -> Result<Vec<LinkAttempt>, DbErr> {
+    attempt_after(err, until)?;
+    Ok((0..n).map(|_| LinkAttempt::Again).collect())
+}
+
+/// The database wrote nothing (it aborted the statement, or it is a
+/// standby), or the connection was lost (an attempt carrying the same
+/// token finds out whether it was written): running it again is safe. A
+/// connection that failed has been closed, never reused. Failing to get a
+/// connection is not repeated: the pool has its own bounds, and a
+/// database that cannot be reached is UNAVAILABLE.
+pub(super) fn is_worth_repeating(err: &DbErr) -> bool {
+    is_rolled_back_by_database(err) || is_connection_lost(err) || is_read_only(err)
+}
 
 /// Prefix of the errors the store makes itself when a bound expires.
 const TIMED_OUT: &str = "timed out: ";

@@ -12,14 +12,17 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{CALLS_PER_STATEMENT, PoolStats, QUEUED_CALLS};
-
 /// RPCs handled, by `grpc_service`, `grpc_method` and `grpc_code`.
 pub const RPC_HANDLED: &str = "grpc_server_handled_total";
 /// RPC latency in seconds, by `grpc_service` and `grpc_method`.
 pub const RPC_DURATION: &str = "grpc_server_handling_seconds";
 /// Database pool connections, by `state` (`in_use`, `idle`).
 pub const DB_POOL_CONNECTIONS: &str = "customer_mapping_db_pool_connections";
+/// Calls waiting for a shared database statement, by `op` (a gauge).
+pub const QUEUED_CALLS: &str = "customer_mapping_db_queued_calls";
+/// Calls answered per statement sent, by `op` (a summary: its `_count` is
+/// the statements, its `_sum` the calls).
+pub const CALLS_PER_STATEMENT: &str = "customer_mapping_db_calls_per_statement";
 /// 1 while health reports SERVING, 0 otherwise.
 pub const SERVING: &str = "customer_mapping_serving";
 /// Connections closed before serving anything, by `reason`.
@@ -102,6 +105,13 @@ pub fn record_rpc(service: &'static str, method: &'static str, code: tonic::Code
     .increment(1);
     metrics::histogram!(RPC_DURATION, "grpc_service" => service, "grpc_method" => method)
         .record(seconds);
+}
+
+/// Open and idle connections of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub open: u32,
+    pub idle: u32,
 }
 
 pub fn record_pool(stats: PoolStats) {

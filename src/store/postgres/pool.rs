@@ -39,7 +39,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::errors::{standby, timed_out};
+use crate::store::errors::{is_read_only, standby, timed_out};
 
 /// A backend left idle inside a transaction is ended by PostgreSQL after
 /// this long. Our transactions never pause between statements longer than a
@@ -58,7 +58,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Pool limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Limits {
+pub(in crate::store) struct Limits {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
     pub connect_timeout: Duration,
@@ -212,6 +212,12 @@ impl Pool {
         }
     }
 
+    /// Changes whenever the pool stops trusting its connections: the lanes
+    /// stop counting the statements in flight on them.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+
     /// What every connection is opened with (the migrator's pool uses it).
     pub fn connect_options(&self) -> &PgConnectOptions {
         &self.0.options
@@ -289,7 +295,7 @@ impl Checkout {
         if let Some(conn) = self.conn.take() {
             self.pool.discard(conn);
         }
-        if super::errors::is_read_only(&result) {
+        if is_read_only(&result) {
             // This session is on a standby: so, probably, are the others.
             self.pool.generation.fetch_add(1, Ordering::AcqRel);
         }

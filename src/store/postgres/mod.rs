@@ -1,0 +1,187 @@
+//! PostgreSQL: the service's own connections (`pool.rs`), Gets and Links
+//! coalesced over them (`lane.rs`, `gets.rs`, `links.rs`), and the write
+//! statements (`link.rs`). Every interaction is bounded: each call passes
+//! the instant by which it must be done, and each step is further bounded
+//! by the configuration (acquire and connect timeouts).
+
+mod gets;
+mod lane;
+mod link;
+mod links;
+mod pool;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryResult, QueryTrait,
+    Select, SqlxPostgresConnector, Statement,
+    sqlx::{self, Row, postgres::PgRow},
+};
+use tokio::time::Instant;
+
+use super::{
+    MIGRATION_TIMEOUT,
+    entity::Model,
+    errors::{attempts_after, standby, timed_out},
+};
+use crate::config::DatabaseSettings;
+use crate::mapping::{Actor, Key, LinkAttempt, LinkWrite, Mapping};
+use gets::Gets;
+use links::Links;
+use pool::Pool;
+
+/// The service's PostgreSQL connections, and the Gets and Links coalesced
+/// over them.
+#[derive(Debug)]
+pub(super) struct Db {
+    pool: Pool,
+    gets: Gets,
+    links: Links,
+}
+
+impl Db {
+    /// Connects, refusing a standby, and migrates when asked.
+    pub async fn open(url: &str, options: &DatabaseSettings, migrate: bool) -> Result<Self, DbErr> {
+        let pool = Pool::new(
+            url,
+            pool::Limits {
+                max_connections: options.database_max_connections,
+                acquire_timeout: options.database_acquire_timeout,
+                connect_timeout: options.database_connect_timeout,
+            },
+        )?;
+        // Proves the database answers and is a primary, and keeps the
+        // connection for the first call.
+        pool.acquire(Instant::now() + options.database_connect_timeout)
+            .await?
+            .release();
+        if migrate {
+            let migrations = migration_connection(&pool, options.database_connect_timeout);
+            let migrated =
+                tokio::time::timeout(MIGRATION_TIMEOUT, migration::up(&migrations)).await;
+            // Its pool closes every connection on release, so this has
+            // nothing left to wait for; bounded all the same.
+            let _ =
+                tokio::time::timeout(options.database_connect_timeout, migrations.close()).await;
+            migrated.map_err(|_| timed_out("applying migrations"))??;
+        }
+        Ok(Self {
+            gets: Gets::new(&pool, options.database_stall_timeout),
+            links: Links::new(&pool, options.database_stall_timeout),
+            pool,
+        })
+    }
+
+    /// Proves by `until` that the database answers and is a primary (a
+    /// promoted standby's old primary coming back as a replica must not
+    /// look healthy).
+    pub async fn ping(&self, until: Instant) -> Result<(), DbErr> {
+        let mut conn = self.pool.acquire(until).await?;
+        let stmt = Statement::from_string(DbBackend::Postgres, "SELECT pg_is_in_recovery()");
+        let in_recovery = conn
+            .fetch_optional(&stmt, until)
+            .await?
+            .map(|row| row.try_get::<bool, _>(0))
+            .transpose()
+            .map_err(pool::sqlx_err)?;
+        conn.release();
+        if in_recovery == Some(true) {
+            self.forget_connections();
+            return Err(standby());
+        }
+        Ok(())
+    }
+
+    pub async fn schema_is_ready(&self, timeout: Duration) -> Result<bool, DbErr> {
+        let conn = migration_connection(&self.pool, timeout);
+        let ready = migration::ready(&conn).await;
+        let _ = conn.close().await;
+        ready
+    }
+
+    /// Stops reusing the connections open now, and stops holding calls
+    /// behind the statements in flight on them.
+    pub fn forget_connections(&self) {
+        self.pool.forget_connections();
+        self.gets.kick();
+        self.links.kick();
+    }
+
+    pub fn stats(&self) -> (u32, u32) {
+        self.pool.stats()
+    }
+
+    pub async fn close(&self, until: Instant) {
+        self.pool.close(until).await;
+    }
+
+    pub async fn get(&self, key: &Key, until: Instant) -> Result<Option<Model>, DbErr> {
+        self.gets.get(key, until).await
+    }
+
+    pub async fn link(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
+        self.links.link(write, until).await
+    }
+
+    pub async fn link_alone(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
+        self.links.link_alone(write, until).await
+    }
+
+    /// Links `writes` (no two sharing a key) in one statement: an import's
+    /// batch.
+    pub async fn link_batch(
+        &self,
+        writes: &[&LinkWrite],
+        until: Instant,
+    ) -> Result<Vec<LinkAttempt>, DbErr> {
+        let conn = self.pool.acquire(until).await?;
+        link::link(conn, writes, "an import batch", until)
+            .await
+            .or_else(|err| attempts_after(err, writes.len(), until))
+    }
+
+    pub async fn unlink(
+        &self,
+        key: &Key,
+        time: DateTime<Utc>,
+        actor: &Actor,
+        until: Instant,
+    ) -> Result<Option<Mapping>, DbErr> {
+        link::unlink(&self.pool, key, time, actor, until).await
+    }
+
+    /// Every row that `select` finds, in one statement, by `until`.
+    pub async fn all<E>(&self, select: Select<E>, until: Instant) -> Result<Vec<E::Model>, DbErr>
+    where
+        E: EntityTrait,
+        E::Model: FromQueryResult,
+    {
+        let mut conn = self.pool.acquire(until).await?;
+        let rows = conn
+            .fetch_all(&select.build(DbBackend::Postgres), until)
+            .await?;
+        conn.release();
+        rows.into_iter()
+            .map(|row| E::Model::from_query_result(&QueryResult::from(row), ""))
+            .collect()
+    }
+}
+
+fn model(row: PgRow) -> Result<Model, DbErr> {
+    Model::from_query_result(&QueryResult::from(row), "")
+}
+
+/// A SeaORM connection for the migrator, on a pool of its own that never
+/// pings: sqlx's release ping has no bound, so each connection is closed
+/// after use instead (start-up only; a few statements).
+fn migration_connection(pool: &Pool, connect_timeout: Duration) -> DatabaseConnection {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(connect_timeout)
+        .test_before_acquire(false)
+        .after_release(|_, _| Box::pin(async { Ok(false) }))
+        .connect_lazy_with(pool.connect_options().clone());
+    SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
+}

@@ -1,0 +1,243 @@
+//! Rows to domain values and back: the one place that knows how a mapping
+//! and an event are stored, for both databases.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{DbErr, Set};
+
+use super::{
+    entity::{self, Model as MappingRow},
+    event_entity::{self, Model as EventRow},
+};
+use crate::mapping::{
+    Actor, Event, EventKind, Holder, InvalidId, LinkAttempt, LinkToken, LinkWrite, ListCursor,
+    Mapping, StripeCustomerId, UserId,
+};
+
+/// `mapping_events.kind` of a Link that created its mapping.
+pub(super) const KIND_LINKED: i16 = 1;
+/// `mapping_events.kind` of an Unlink.
+pub(super) const KIND_UNLINKED: i16 = 2;
+
+pub(super) fn kind_code(kind: EventKind) -> i16 {
+    match kind {
+        EventKind::Linked => KIND_LINKED,
+        EventKind::Unlinked => KIND_UNLINKED,
+    }
+}
+
+/// Rows are written only from validated ids, so a row that does not parse
+/// means the table was edited by hand: an error of the database, not the
+/// caller's.
+fn corrupt(what: &str, id: i64, why: impl std::fmt::Display) -> DbErr {
+    DbErr::Type(format!("stored {what} {id} is invalid: {why}"))
+}
+
+fn parse_mapping(
+    what: &str,
+    id: i64,
+    user_id: &str,
+    stripe_customer_id: &str,
+    created_at: DateTime<Utc>,
+) -> Result<Mapping, DbErr> {
+    let invalid = |e: InvalidId| corrupt(what, id, e);
+    Ok(Mapping {
+        user_id: UserId::parse(user_id).map_err(invalid)?,
+        stripe_customer_id: StripeCustomerId::parse(stripe_customer_id).map_err(invalid)?,
+        created_at,
+    })
+}
+
+pub(super) fn mapping(row: &MappingRow) -> Result<Mapping, DbErr> {
+    parse_mapping(
+        "mapping",
+        row.id,
+        &row.user_id,
+        &row.stripe_customer_id,
+        row.created_at,
+    )
+}
+
+pub(super) fn holder(row: &MappingRow) -> Result<Holder, DbErr> {
+    Ok(Holder {
+        mapping: mapping(row)?,
+        token: row.link_token.map(LinkToken::from_stored),
+    })
+}
+
+pub(super) fn list_cursor(row: &MappingRow) -> ListCursor {
+    ListCursor {
+        created_at: row.created_at,
+        id: row.id,
+    }
+}
+
+pub(super) fn event(row: EventRow) -> Result<Event, DbErr> {
+    let kind = match row.kind {
+        KIND_LINKED => EventKind::Linked,
+        KIND_UNLINKED => EventKind::Unlinked,
+        other => {
+            return Err(corrupt(
+                "event",
+                row.sequence,
+                format!("unknown kind {other}"),
+            ));
+        }
+    };
+    Ok(Event {
+        sequence: row.sequence,
+        kind,
+        mapping: parse_mapping(
+            "event",
+            row.sequence,
+            &row.user_id,
+            &row.stripe_customer_id,
+            row.mapping_created_at,
+        )?,
+        time: row.time,
+        caller: row.caller,
+        request_id: row.request_id,
+    })
+}
+
+/// The row a Link inserts.
+pub(super) fn new_mapping(write: &LinkWrite) -> entity::ActiveModel {
+    let mapping = &write.mapping;
+    entity::ActiveModel {
+        user_id: Set(mapping.user_id.as_str().to_owned()),
+        stripe_customer_id: Set(mapping.stripe_customer_id.as_str().to_owned()),
+        created_at: Set(mapping.created_at),
+        link_token: Set(Some(write.token.stored())),
+        ..Default::default()
+    }
+}
+
+/// The event recording a change to `mapping` (SQLite: PostgreSQL records
+/// in the change's own statement).
+pub(super) fn new_event(
+    kind: EventKind,
+    mapping: &MappingRow,
+    time: DateTime<Utc>,
+    actor: &Actor,
+) -> event_entity::ActiveModel {
+    event_entity::ActiveModel {
+        kind: Set(kind_code(kind)),
+        user_id: Set(mapping.user_id.clone()),
+        stripe_customer_id: Set(mapping.stripe_customer_id.clone()),
+        mapping_created_at: Set(mapping.created_at),
+        time: Set(time),
+        caller: Set(actor.caller.clone()),
+        request_id: Set(actor.request_id.clone()),
+        ..Default::default()
+    }
+}
+
+/// Each Link's attempt, from what one statement (or transaction) for all
+/// of them found: the rows it inserted, and the rows holding the user or
+/// the customer of a Link it did not insert. No two Links share a key, so
+/// each row belongs to the Links whose user or customer it holds.
+pub(super) fn attempts(
+    writes: &[&LinkWrite],
+    inserted: Vec<MappingRow>,
+    holders: &[MappingRow],
+) -> Result<Vec<LinkAttempt>, DbErr> {
+    let mut inserted: HashMap<String, MappingRow> = inserted
+        .into_iter()
+        .map(|row| (row.user_id.clone(), row))
+        .collect();
+    let by_user: HashMap<&str, &MappingRow> = holders
+        .iter()
+        .map(|row| (row.user_id.as_str(), row))
+        .collect();
+    let by_customer: HashMap<&str, &MappingRow> = holders
+        .iter()
+        .map(|row| (row.stripe_customer_id.as_str(), row))
+        .collect();
+    writes
+        .iter()
+        .map(|write| {
+            let wanted = &write.mapping;
+            if let Some(row) = inserted.remove(wanted.user_id.as_str()) {
+                return Ok(LinkAttempt::Inserted(mapping(&row)?));
+            }
+            let user = by_user.get(wanted.user_id.as_str()).copied();
+            let customer = by_customer
+                .get(wanted.stripe_customer_id.as_str())
+                .copied()
+                .filter(|row| user.is_none_or(|user| user.id != row.id));
+            let found = user.into_iter().chain(customer).map(holder);
+            Ok(LinkAttempt::Holders(found.collect::<Result<_, _>>()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, user: &str, customer: &str) -> MappingRow {
+        MappingRow {
+            id,
+            user_id: user.to_owned(),
+            stripe_customer_id: customer.to_owned(),
+            created_at: DateTime::UNIX_EPOCH,
+            link_token: None,
+        }
+    }
+
+    fn write(user: &str, customer: &str) -> LinkWrite {
+        LinkWrite {
+            mapping: parse_mapping("mapping", 0, user, customer, DateTime::UNIX_EPOCH)
+                .expect("valid ids"),
+            token: LinkToken::from_stored(0),
+            time: DateTime::UNIX_EPOCH,
+            actor: Actor::new(String::new(), String::new()),
+        }
+    }
+
+    fn users(attempt: &LinkAttempt) -> Vec<String> {
+        match attempt {
+            LinkAttempt::Inserted(m) => vec![format!("+{}", m.user_id)],
+            LinkAttempt::Holders(found) => found
+                .iter()
+                .map(|h| format!("{}:{}", h.mapping.user_id, h.mapping.stripe_customer_id))
+                .collect(),
+            LinkAttempt::Again => vec!["again".into()],
+        }
+    }
+
+    #[test]
+    fn each_link_of_a_shared_statement_gets_the_rows_of_its_own_keys() {
+        let writes = [
+            write("new", "cus_new"),   // inserted
+            write("u1", "cus_1"),      // a replay: its own row
+            write("u2", "cus_other"),  // the user is taken
+            write("u3", "cus_3"),      // the customer is taken (by u9)
+            write("u4", "cus_4"),      // both, by two rows
+            write("late", "cus_late"), // conflicted with a row it cannot see
+        ];
+        let writes: Vec<&LinkWrite> = writes.iter().collect();
+        let holders = [
+            row(1, "u1", "cus_1"),
+            row(2, "u2", "cus_2"),
+            row(3, "u9", "cus_3"),
+            row(4, "u4", "cus_x"),
+            row(5, "u8", "cus_4"),
+        ];
+        let attempts =
+            attempts(&writes, vec![row(10, "new", "cus_new")], &holders).expect("valid rows");
+        let got: Vec<Vec<String>> = attempts.iter().map(users).collect();
+        assert_eq!(
+            got,
+            [
+                vec!["+new".to_owned()],
+                vec!["u1:cus_1".into()],
+                vec!["u2:cus_2".into()],
+                vec!["u9:cus_3".into()],
+                vec!["u4:cus_x".into(), "u8:cus_4".into()],
+                vec![],
+            ]
+        );
+    }
+}

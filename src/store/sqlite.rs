@@ -1,0 +1,210 @@
+//! SQLite: SeaORM's pool, and one write transaction at a time.
+//!
+//! SQLite has one write lock per database. Pooled connections that find it
+//! taken wait in SQLite's busy handler, which sleeps between tries and made
+//! the tail latency of concurrent Links many times their median
+//! (docs/PERFORMANCE.md). Writers of this process queue on a fair async
+//! mutex instead and take the lock in turn (`BEGIN IMMEDIATE`); the busy
+//! timeout still covers other processes on the same file. Writers being
+//! serialized, a transaction that inserts and then reads the holders sees
+//! exactly what its inserts conflicted with: Link's guarantees hold here
+//! without PostgreSQL's argument (`postgres/link.rs`).
+
+use std::{collections::HashSet, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryTrait, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait, sea_query::OnConflict,
+};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::{
+    MIGRATION_TIMEOUT,
+    entity::{Entity as StripeCustomers, Model},
+    errors::timed_out,
+    event_entity::Entity as MappingEvents,
+    queries, rows,
+};
+use crate::config::DatabaseSettings;
+use crate::mapping::{Actor, EventKind, Key, LinkAttempt, LinkWrite, Mapping};
+
+/// Rows per multi-row statement (SQLite takes at most 32,766 parameters;
+/// an event row has seven). Larger statements are no faster and SQLite
+/// keeps each prepared one (docs/PERFORMANCE.md, issue 15).
+const ROWS_PER_STATEMENT: usize = 500;
+
+#[derive(Debug)]
+pub(super) struct Db {
+    pub conn: DatabaseConnection,
+    writers: Mutex<()>,
+}
+
+impl Db {
+    pub async fn open(url: &str, options: &DatabaseSettings, migrate: bool) -> Result<Self, DbErr> {
+        let conn = connect(url, options).await?;
+        if migrate {
+            tokio::time::timeout(MIGRATION_TIMEOUT, migration::up(&conn))
+                .await
+                .map_err(|_| timed_out("applying migrations"))??;
+        }
+        Ok(Self {
+            conn,
+            writers: Mutex::new(()),
+        })
+    }
+
+    pub fn stats(&self) -> (u32, u32) {
+        let pool = self.conn.get_sqlite_connection_pool();
+        let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+        (pool.size(), idle)
+    }
+
+    /// A write transaction, in turn: this process's writers queue here, and
+    /// `BEGIN IMMEDIATE` takes SQLite's write lock at once (a deferred
+    /// transaction that reads first can fail to upgrade). Keep the turn
+    /// until the transaction ends.
+    async fn begin_write(&self) -> Result<(MutexGuard<'_, ()>, DatabaseTransaction), DbErr> {
+        let turn = self.writers.lock().await;
+        let txn = self
+            .conn
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        Ok((turn, txn))
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Option<Model>, DbErr> {
+        StripeCustomers::find()
+            .filter(queries::column(key).eq(queries::value(key)))
+            .one(&self.conn)
+            .await
+    }
+
+    /// Links `writes` (no two sharing a key) in one transaction: each
+    /// Link's attempt, in order.
+    pub async fn link(&self, writes: &[&LinkWrite]) -> Result<Vec<LinkAttempt>, DbErr> {
+        let (_turn, txn) = self.begin_write().await?;
+        let (mut inserted, mut holders) = (Vec::new(), Vec::new());
+        for chunk in writes.chunks(ROWS_PER_STATEMENT) {
+            let created = insert_with_events(&txn, chunk).await?;
+            let done: HashSet<&str> = created.iter().map(|row| row.user_id.as_str()).collect();
+            let pending: Vec<Key> = chunk
+                .iter()
+                .filter(|w| !done.contains(w.mapping.user_id.as_str()))
+                .flat_map(|w| {
+                    let m = &w.mapping;
+                    [
+                        Key::User(m.user_id.clone()),
+                        Key::Customer(m.stripe_customer_id.clone()),
+                    ]
+                })
+                .collect();
+            if !pending.is_empty() {
+                holders.extend(queries::holding_any(&pending).all(&txn).await?);
+            }
+            inserted.extend(created);
+        }
+        txn.commit().await?;
+        rows::attempts(writes, inserted, &holders)
+    }
+
+    pub async fn unlink(
+        &self,
+        key: &Key,
+        time: DateTime<Utc>,
+        actor: &Actor,
+    ) -> Result<Option<Mapping>, DbErr> {
+        let (_turn, txn) = self.begin_write().await?;
+        let mut deleted = StripeCustomers::delete_many()
+            .filter(queries::column(key).eq(queries::value(key)))
+            .exec_with_returning(&txn)
+            .await?;
+        // The column is unique, so there is at most one row.
+        let removed = deleted.pop();
+        if let Some(row) = &removed {
+            let event = rows::new_event(EventKind::Unlinked, row, time, actor);
+            MappingEvents::insert(event)
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        removed.as_ref().map(rows::mapping).transpose()
+    }
+}
+
+/// Inserts `writes` unless either key is taken, with the event of each row
+/// inserted; the rows inserted.
+///
+/// `INSERT ... ON CONFLICT DO NOTHING RETURNING *` with no conflict target,
+/// so that a conflict on either unique index does nothing; run by hand
+/// rather than through `TryInsert`, whose `exec_with_returning` reports an
+/// empty RETURNING as an error instead of a conflict.
+async fn insert_with_events(
+    txn: &DatabaseTransaction,
+    writes: &[&LinkWrite],
+) -> Result<Vec<Model>, DbErr> {
+    let insert = StripeCustomers::insert_many(writes.iter().map(|w| rows::new_mapping(w)))
+        .on_conflict(OnConflict::new().do_nothing().to_owned())
+        .into_query()
+        .returning_all()
+        .to_owned();
+    let inserted = StripeCustomers::find()
+        .from_raw_sql(DbBackend::Sqlite.build(&insert))
+        .all(txn)
+        .await?;
+    if inserted.is_empty() {
+        return Ok(inserted);
+    }
+    // Each row's event carries its own Link's time and author.
+    let by_user: std::collections::HashMap<&str, &LinkWrite> = writes
+        .iter()
+        .map(|w| (w.mapping.user_id.as_str(), *w))
+        .collect();
+    let events = inserted.iter().filter_map(|row| {
+        let write = by_user.get(row.user_id.as_str())?;
+        Some(rows::new_event(
+            EventKind::Linked,
+            row,
+            write.time,
+            &write.actor,
+        ))
+    });
+    MappingEvents::insert_many(events)
+        .exec_without_returning(txn)
+        .await?;
+    Ok(inserted)
+}
+
+/// WAL mode with `synchronous = FULL` (a committed link survives a crash)
+/// and a busy timeout, so that several connections can read while one
+/// writes.
+async fn connect(url: &str, options: &DatabaseSettings) -> Result<DatabaseConnection, DbErr> {
+    use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+
+    let busy_timeout = options.sqlite_busy_timeout;
+    let mut opts = ConnectOptions::new(url);
+    opts.max_connections(options.database_max_connections)
+        .min_connections(0)
+        .acquire_timeout(options.database_acquire_timeout)
+        .connect_timeout(options.database_connect_timeout)
+        // Statement logging would put SQL and values in the log.
+        .sqlx_logging(false)
+        // In-process: a ping costs no round trip, but is still pointless
+        // for connections in use moments ago.
+        .test_before_acquire_if_idle_for(Duration::from_secs(5))
+        .map_sqlx_sqlite_opts(move |o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(busy_timeout)
+                // 1 MiB of page cache per connection instead of SQLite's
+                // 2 MiB, for the memory budget at a million rows
+                // (docs/PERFORMANCE.md); a look-up's index pages fit many
+                // times over.
+                .pragma("cache_size", "-1024")
+        });
+    sea_orm::Database::connect(opts).await
+}
