@@ -194,66 +194,25 @@ impl Application {
     /// supervisor, the health or metrics listener, the gRPC server) ends
     /// this with an error naming it, so the process exits non-zero and the
     /// orchestrator restarts it rather than keeping a half-alive server.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn run_until(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        // Cancelled when shutdown begins; every background task stops on it.
+        let stopping = CancellationToken::new();
+        // Cancelled once the main port has drained: probes stay answered
+        // (NOT_SERVING) until then.
+        let drained = CancellationToken::new();
+        let mut tasks = self.spawn_background(&stopping, &drained);
         let Self {
             settings,
             listener,
-            health_listener,
-            metrics,
             tls,
             store,
             health,
             services,
             ..
         } = self;
-        let limits = settings.limits;
-        // Cancelled when shutdown begins; every background task stops on it.
-        let stopping = CancellationToken::new();
-        // Cancelled once the main port has drained: probes stay answered
-        // (NOT_SERVING) until then.
-        let drained = CancellationToken::new();
-
-        let mut tasks = LongLived::default();
-        tasks.spawn(
-            "database supervisor",
-            health::supervise_database(
-                settings.database.clone(),
-                ProbeSettings {
-                    interval: settings.health.health_probe_interval,
-                    timeout: settings.health.health_probe_timeout,
-                },
-                store.clone(),
-                health.clone(),
-                stopping.clone(),
-            ),
-        );
-        if let Some(m) = metrics {
-            tasks.spawn(
-                "metrics listener",
-                metrics::serve(m.listener, m.handle, stopping.clone()),
-            );
-        }
-        let connection_limits = ConnectionLimits {
-            max_connections: limits.max_connections,
-            handshake_timeout: limits.handshake_timeout,
-        };
-        if let Some((listener, _)) = health_listener {
-            let incoming = transport::incoming(listener, connection_limits, plaintext);
-            let serve = Server::builder()
-                .add_routes(services.health_only)
-                .serve_with_incoming_shutdown(incoming, drained.clone().cancelled_owned());
-            tasks.spawn("health listener", async move {
-                if let Err(err) = serve.await {
-                    tracing::error!(error = %err, "the health listener failed");
-                }
-            });
-        } else if tls.is_some() {
-            tracing::warn!(
-                "TLS is on and HEALTH_LISTEN_ADDR is unset: Kubernetes gRPC probes, which \
-                 connect in plaintext, will fail"
-            );
-        }
-
         let begin_shutdown = {
             let (health, stopping) = (health.clone(), stopping.clone());
             async move {
@@ -266,66 +225,152 @@ impl Application {
                 stopping.cancel();
             }
         };
-        let router = Server::builder()
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
-            .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .layer(request_size_layer(limits.max_request_bytes))
-            .add_routes(services.main);
-        let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-            match tls {
-                None => Box::pin(router.serve_with_incoming_shutdown(
-                    transport::incoming(listener, connection_limits, plaintext),
-                    begin_shutdown,
-                )),
-                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                    transport::incoming(listener, connection_limits, move |tcp| {
-                        let tls = tls.clone();
-                        async move { tls.accept(tcp).await }
-                    }),
-                    begin_shutdown,
-                )),
-            };
-        let drain_deadline = async {
-            stopping.cancelled().await;
-            tokio::time::sleep(settings.shutdown_drain_timeout).await;
-        };
-        let mut failed = None;
-        tokio::select! {
-            served = serve => {
-                served.context("serving gRPC")?;
-                if !stopping.is_cancelled() {
-                    failed = Some("gRPC server");
-                }
-            }
-            () = drain_deadline => tracing::warn!(
-                timeout = ?settings.shutdown_drain_timeout,
-                "in-flight RPCs did not finish within the drain timeout; cutting them off"
-            ),
-            name = tasks.first_to_end(&stopping) => {
-                failed = Some(name);
-                // Stop serving too, within the drain timeout, before exiting.
-                health.shut_down().await;
-            }
-        }
-
+        let serve = serve_main(&settings, services.main, listener, tls, begin_shutdown);
+        let failed = drain(serve, &settings, &stopping, &mut tasks, &health).await?;
         drained.cancel();
         stopping.cancel();
         tasks.stop(TASKS_STOP_TIMEOUT).await;
-        if let Some(db) = store.get() {
-            // Connections of RPCs cut off by the drain timeout may still be
-            // busy in the database; don't let them hold the exit hostage.
-            // Dropping them ends their sessions, which rolls their
-            // transactions back.
-            if let Err(err) = db.close(POOL_CLOSE_TIMEOUT).await {
-                tracing::warn!(error = %err, "database pool did not close cleanly; dropping it");
-            }
-        }
+        close_database(&store).await;
         match failed {
             None => Ok(()),
             Some(task) => anyhow::bail!("the {task} task failed; exiting so that it is restarted"),
         }
+    }
+
+    /// Starts the tasks that run beside the gRPC server: the database
+    /// supervisor, and the metrics and health listeners when configured.
+    fn spawn_background(
+        &mut self,
+        stopping: &CancellationToken,
+        drained: &CancellationToken,
+    ) -> LongLived {
+        let settings = &self.settings;
+        let mut tasks = LongLived::default();
+        tasks.spawn(
+            "database supervisor",
+            health::supervise_database(
+                settings.database.clone(),
+                ProbeSettings {
+                    interval: settings.health.health_probe_interval,
+                    timeout: settings.health.health_probe_timeout,
+                },
+                self.store.clone(),
+                self.health.clone(),
+                stopping.clone(),
+            ),
+        );
+        if let Some(m) = self.metrics.take() {
+            tasks.spawn(
+                "metrics listener",
+                metrics::serve(m.listener, m.handle, stopping.clone()),
+            );
+        }
+        if let Some((listener, _)) = self.health_listener.take() {
+            let incoming = transport::incoming(listener, connection_limits(settings), plaintext);
+            let routes = std::mem::take(&mut self.services.health_only);
+            let serve = Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, drained.clone().cancelled_owned());
+            tasks.spawn("health listener", async move {
+                if let Err(err) = serve.await {
+                    tracing::error!(error = %err, "the health listener failed");
+                }
+            });
+        } else if self.tls.is_some() {
+            tracing::warn!(
+                "TLS is on and HEALTH_LISTEN_ADDR is unset: Kubernetes gRPC probes, which \
+                 connect in plaintext, will fail"
+            );
+        }
+        tasks
+    }
+}
+
+type Serving<'a> = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send + 'a>>;
+
+/// The main port's server, plaintext or TLS, until `shutdown` resolves and
+/// its calls have drained.
+fn serve_main<'a>(
+    settings: &Settings,
+    routes: Routes,
+    listener: TcpListener,
+    tls: Option<ReloadingTls>,
+    shutdown: impl Future<Output = ()> + Send + 'a,
+) -> Serving<'a> {
+    let limits = settings.limits;
+    let router = Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .layer(request_size_layer(limits.max_request_bytes))
+        .add_routes(routes);
+    let connection_limits = connection_limits(settings);
+    match tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            transport::incoming(listener, connection_limits, plaintext),
+            shutdown,
+        )),
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            transport::incoming(listener, connection_limits, move |tcp| {
+                let tls = tls.clone();
+                async move { tls.accept(tcp).await }
+            }),
+            shutdown,
+        )),
+    }
+}
+
+/// Waits for the server to end (after shutdown, when its calls have
+/// drained), for the drain timeout to cut it off, or for a long-lived task
+/// to fail; the name of what failed, if anything did.
+async fn drain(
+    serve: Serving<'_>,
+    settings: &Settings,
+    stopping: &CancellationToken,
+    tasks: &mut LongLived,
+    health: &Health,
+) -> anyhow::Result<Option<&'static str>> {
+    let drain_deadline = async {
+        stopping.cancelled().await;
+        tokio::time::sleep(settings.shutdown_drain_timeout).await;
+    };
+    tokio::select! {
+        served = serve => {
+            served.context("serving gRPC")?;
+            Ok((!stopping.is_cancelled()).then_some("gRPC server"))
+        }
+        () = drain_deadline => {
+            tracing::warn!(
+                timeout = ?settings.shutdown_drain_timeout,
+                "in-flight RPCs did not finish within the drain timeout; cutting them off"
+            );
+            Ok(None)
+        }
+        name = tasks.first_to_end(stopping) => {
+            // Stop serving too, within the drain timeout, before exiting.
+            health.shut_down().await;
+            Ok(Some(name))
+        }
+    }
+}
+
+/// Closes the database, if it was ever opened. Connections of RPCs cut off
+/// by the drain timeout may still be busy in the database; they must not
+/// hold the exit hostage: dropping them ends their sessions, which rolls
+/// their transactions back.
+async fn close_database(store: &store::Store) {
+    if let Some(db) = store.get()
+        && let Err(err) = db.close(POOL_CLOSE_TIMEOUT).await
+    {
+        tracing::warn!(error = %err, "database pool did not close cleanly; dropping it");
+    }
+}
+
+fn connection_limits(settings: &Settings) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: settings.limits.max_connections,
+        handshake_timeout: settings.limits.handshake_timeout,
     }
 }
 
