@@ -21,9 +21,6 @@ impl MigratorTrait for Migrator {
     }
 }
 
-/// Applies every pending migration, after checking that the database holds
-/// no `stripe_customers` table of another shape (see [`preexisting`]); when
-/// it does, fails with one line and changes nothing.
 /// Whether every migration has been applied, without applying any:
 /// `false` when none has (no `stripe_customers` table), an error when the
 /// table is someone else's or only some migrations ran.
@@ -43,6 +40,9 @@ pub async fn ready(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Resul
     ))
 }
 
+/// Applies every pending migration, after checking that the database holds
+/// no `stripe_customers` table of another shape (see [`preexisting`]); when
+/// it does, fails with one line and changes nothing.
 pub async fn up(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), DbErr> {
     preexisting::check(&SchemaManager::new(db)).await?;
     Migrator::up(db, None).await

@@ -71,7 +71,7 @@ pub(super) fn standby() -> DbErr {
 
 /// What kind of failure this is, in a few words for a log line: the health
 /// supervisor logs when the kind changes, not at every probe.
-pub fn failure_kind(err: &DbErr) -> &'static str {
+pub(super) fn failure_kind(err: &DbErr) -> &'static str {
     if is_timeout(err) {
         "no answer in time"
     } else if is_read_only(err)
@@ -89,7 +89,7 @@ pub fn failure_kind(err: &DbErr) -> &'static str {
 
 /// A bound expired: the database did not answer in time (or the path to it
 /// is silent). What the interaction did, if anything, is unknown.
-pub fn is_timeout(err: &DbErr) -> bool {
+pub(super) fn is_timeout(err: &DbErr) -> bool {
     matches!(err, DbErr::Conn(RuntimeErr::Internal(msg)) if msg.starts_with(TIMED_OUT))
         || matches!(
             err,
@@ -100,14 +100,14 @@ pub fn is_timeout(err: &DbErr) -> bool {
 /// The database aborted the transaction to resolve contention (PostgreSQL
 /// serialization failure or deadlock): it was rolled back whole, so running
 /// it again cannot apply anything twice.
-pub fn is_rolled_back_by_database(err: &DbErr) -> bool {
+pub(super) fn is_rolled_back_by_database(err: &DbErr) -> bool {
     pg_code(err).is_some_and(|code| code == "40001" || code == "40P01")
 }
 
 /// The connection broke (reset, or ended by the server) in the middle of a
 /// transaction. Before COMMIT was sent this is safe to retry on another
 /// connection: the server rolls back a transaction whose session died.
-pub fn is_connection_lost(err: &DbErr) -> bool {
+pub(super) fn is_connection_lost(err: &DbErr) -> bool {
     match sqlx_error(err) {
         Some(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => true,
         Some(sqlx::Error::Database(db)) => db
@@ -122,13 +122,13 @@ pub fn is_connection_lost(err: &DbErr) -> bool {
 
 /// The session is on a standby (SQLSTATE 25006, read-only transaction):
 /// nothing was written, and a connection to the primary may succeed.
-pub fn is_read_only(err: &DbErr) -> bool {
+pub(super) fn is_read_only(err: &DbErr) -> bool {
     pg_code(err).is_some_and(|code| code == "25006")
 }
 
 /// Errors that say "the database is not answering right now", as opposed to
 /// "this request or this code is wrong".
-pub fn is_unavailable(err: &DbErr) -> bool {
+pub(super) fn is_unavailable(err: &DbErr) -> bool {
     match err {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
         _ => match sqlx_error(err) {

@@ -22,8 +22,6 @@ use chrono::{DateTime, Utc};
 use sea_orm::{DbErr, EntityTrait, FromQueryResult, Select};
 use tokio::time::Instant;
 
-pub use errors::failure_kind;
-
 use crate::{
     config::DatabaseSettings,
     mapping::{Actor, Event, Key, LinkAttempt, LinkWrite, ListCursor, Mapping},
@@ -74,7 +72,7 @@ pub struct Failure {
 impl Failure {
     fn new(what: impl Into<String>, error: DbErr) -> Self {
         Self {
-            kind: failure_kind(&error),
+            kind: errors::failure_kind(&error),
             what: what.into(),
             error,
         }

@@ -2,11 +2,10 @@
 //! shared buffer, and one thread writes what gathered to stdout in one
 //! `write(2)`.
 //!
-//! Why not a channel to a writer thread (tracing-appender's `non_blocking`,
-//! used before): every line sent to an idle writer wakes it, and on a busy
-//! server each wake is a context switch on cores the requests need. One
-//! log line per RPC cost the server a third of its CPU per Get that way
-//! (docs/PERFORMANCE.md). Here the thread, after writing, lets lines gather
+//! Why not a channel to a writer thread (tracing-appender's `non_blocking`):
+//! every line sent to an idle writer wakes it, and on a busy server each
+//! wake is a context switch on cores the requests need (its cost is in
+//! docs/PERFORMANCE.md). Here the thread, after writing, lets lines gather
 //! for [`GATHER`] before it looks again: under load that is one wake and one
 //! write per interval whatever the request rate; when idle, the first line
 //! wakes it at once.

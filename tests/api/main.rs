@@ -25,7 +25,7 @@ mod database_errors;
 mod failover;
 mod faults;
 mod linearizability;
-mod one_round_trip;
+mod shared_statements;
 mod silent_database;
 
 // Operating it: health, shutdown, metrics, the binary and its CLI.

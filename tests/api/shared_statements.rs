@@ -1,4 +1,4 @@
-//! Link in one statement, and Gets and Links coalesced (issue 14): the
+//! Link in one statement, and Gets and Links sharing statements: the
 //! answers stay true when a Link's answer is lost on the way, and when many
 //! Gets or Links share one statement.
 
