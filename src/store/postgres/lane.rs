@@ -472,7 +472,7 @@ mod tests {
 
     #[test]
     fn statements_on_forgotten_connections_hold_neither_the_lane_nor_keys() {
-        let limits = super::super::pool::Limits {
+        let limits = crate::store::postgres::pool::Limits {
             max_connections: 1,
             acquire_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
