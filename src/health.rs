@@ -107,6 +107,7 @@ pub async fn supervise_database(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving = false;
     let mut last_failure: Option<&'static str> = None;
+    let mut opened = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -115,7 +116,7 @@ pub async fn supervise_database(
         // Opening can take the whole connect timeout: shutdown must not
         // wait for it.
         let checked = tokio::select! {
-            checked = check(&database, probe, &store) => checked,
+            checked = check(&database, probe, &store, &mut opened) => checked,
             () = stop.cancelled() => return,
         };
         if let Some(db) = store.get() {
@@ -128,8 +129,8 @@ pub async fn supervise_database(
                 error = %failure,
                 kind = failure.kind,
                 retry_in = ?probe.interval,
-                "database not answering; retrying every interval (logged again when \
-                 the kind of failure changes)"
+                "database not ready to serve; checking again every interval (logged again \
+                 when the kind of failure changes)"
             );
         }
         last_failure = checked.as_ref().err().map(|failure| failure.kind);
@@ -147,21 +148,36 @@ pub async fn supervise_database(
     }
 }
 
-/// One probe: opens the database if it is not open yet, else pings it.
+/// One probe: once the database is open and its schema is this
+/// release's, a ping. Before that, opens it (kept in `opened` between
+/// probes) and checks its schema; the database is published, and calls
+/// served, only once the schema is there: until then they answer
+/// UNAVAILABLE, and health NOT_SERVING.
 async fn check(
     database: &DatabaseSettings,
     probe: ProbeSettings,
     store: &Store,
+    opened: &mut Option<Database>,
 ) -> Result<(), Failure> {
     if let Some(db) = store.get() {
         return db.ping(probe.timeout).await;
     }
-    let migrations = if database.migrate_on_start {
-        Migrations::Apply
-    } else {
-        Migrations::Leave
+    let db = match opened.take() {
+        Some(db) => db,
+        None => {
+            let migrations = if database.migrate_on_start {
+                Migrations::Apply
+            } else {
+                Migrations::Leave
+            };
+            Database::open(database, migrations).await?
+        }
     };
-    store.set(Database::open(database, migrations).await?);
+    if let Err(failure) = db.check_schema(probe.timeout).await {
+        *opened = Some(db);
+        return Err(failure);
+    }
+    store.set(db);
     tracing::info!(database = %database.redacted_url(), "database connected");
     Ok(())
 }

@@ -40,10 +40,56 @@ pub async fn ready(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Resul
     ))
 }
 
+/// The names of every migration of this release, in order.
+pub fn names() -> Vec<String> {
+    Migrator::migrations()
+        .into_iter()
+        .map(|m| m.name().to_owned())
+        .collect()
+}
+
+/// The migrations this release needs that the database has not applied,
+/// in order; empty when its schema is at least this release's. Migrations
+/// the database has and this release does not know (a newer release's) are
+/// fine: every migration keeps the previous release working.
+pub async fn missing(
+    db: &sea_orm_migration::sea_orm::DatabaseConnection,
+) -> Result<Vec<String>, DbErr> {
+    use sea_orm_migration::sea_orm::{ConnectionTrait, Statement};
+    let manager = SchemaManager::new(db);
+    preexisting::check(&manager).await?;
+    let needed = Migrator::migrations()
+        .into_iter()
+        .map(|m| m.name().to_owned());
+    let table = "seaql_migrations";
+    if !manager.has_table(table).await? {
+        return Ok(needed.collect());
+    }
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!("SELECT version FROM {table}"),
+        ))
+        .await?;
+    let applied: Vec<String> = rows
+        .iter()
+        .map(|row| row.try_get::<String>("", "version"))
+        .collect::<Result<_, _>>()?;
+    Ok(needed.filter(|name| !applied.contains(name)).collect())
+}
+
 /// Applies every pending migration, after checking that the database holds
 /// no `stripe_customers` table of another shape (see [`preexisting`]); when
 /// it does, fails with one line and changes nothing.
+///
+/// A database that already has every migration of this release is left
+/// alone, even when it has a newer release's too (which the migrator
+/// itself refuses as "applied but its file is missing"): the previous
+/// release must keep starting during a rolling upgrade.
 pub async fn up(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), DbErr> {
-    preexisting::check(&SchemaManager::new(db)).await?;
+    if missing(db).await?.is_empty() {
+        return Ok(());
+    }
     Migrator::up(db, None).await
 }

@@ -61,12 +61,11 @@ pub enum Migrations {
 /// Why the database could not be opened or did not answer: the kind of
 /// failure in a few words (a supervisor logs when it changes, not at every
 /// probe) and what happened, naming the database without its password.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {error}")]
+#[derive(Debug)]
 pub struct Failure {
     pub kind: &'static str,
     what: String,
-    error: DbErr,
+    error: Option<DbErr>,
 }
 
 impl Failure {
@@ -74,10 +73,21 @@ impl Failure {
         Self {
             kind: errors::failure_kind(&error),
             what: what.into(),
-            error,
+            error: Some(error),
         }
     }
 }
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.error {
+            Some(error) => write!(f, "{}: {error}", self.what),
+            None => f.write_str(&self.what),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
 
 /// An open database.
 #[derive(Debug, Clone)]
@@ -149,6 +159,37 @@ impl Database {
         tokio::time::timeout(timeout, ready)
             .await
             .map_err(|_| errors::timed_out("reading the schema"))?
+    }
+
+    /// Proves within `timeout` that the schema is at least the one this
+    /// release needs (a newer one, written by the next release's
+    /// migrations, serves as well): until then every call would fail.
+    pub async fn check_schema(&self, timeout: Duration) -> Result<(), Failure> {
+        let until = Instant::now() + timeout;
+        let applied = match &*self.0 {
+            Backend::Postgres(db) => db.applied_migrations(until).await,
+            Backend::Sqlite(db) => tokio::time::timeout_at(until, db.applied_migrations())
+                .await
+                .map_err(|_| errors::timed_out("reading the schema"))
+                .and_then(|applied| applied),
+        }
+        .map_err(|err| Failure::new("reading the schema", err))?;
+        let missing: Vec<String> = migration::names()
+            .into_iter()
+            .filter(|name| !applied.contains(name))
+            .collect();
+        match missing.as_slice() {
+            [] => Ok(()),
+            [first, ..] => Err(Failure {
+                kind: "schema older than this release",
+                what: format!(
+                    "the database lacks {} migration(s) this release needs, from {first} on: \
+                     run `customer-mapping migrate` (or serve with MIGRATE_ON_START=true)",
+                    missing.len()
+                ),
+                error: None,
+            }),
+        }
     }
 
     /// Stops reusing the connections open now (PostgreSQL; SQLite runs

@@ -77,6 +77,28 @@ impl Db {
         Ok((turn, txn))
     }
 
+    /// The migrations the database has applied.
+    pub async fn applied_migrations(&self) -> Result<Vec<String>, DbErr> {
+        use sea_orm::{ConnectionTrait, Statement};
+        let statement = |sql: &str| Statement::from_string(DbBackend::Sqlite, sql);
+        let tables = self
+            .conn
+            .query_all_raw(statement(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'seaql_migrations'",
+            ))
+            .await?;
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .conn
+            .query_all_raw(statement("SELECT version FROM seaql_migrations"))
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<String>("", "version"))
+            .collect()
+    }
+
     pub async fn get(&self, key: &Key) -> Result<Option<Model>, DbErr> {
         StripeCustomers::find()
             .filter(queries::column(key).eq(queries::value(key)))

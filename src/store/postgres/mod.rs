@@ -100,6 +100,28 @@ impl Db {
         ready
     }
 
+    /// The migrations the database has applied, on the service's own
+    /// connections (a probe must be cheap and bounded).
+    pub async fn applied_migrations(&self, until: Instant) -> Result<Vec<String>, DbErr> {
+        let mut conn = self.pool.acquire(until).await?;
+        let applied = conn
+            .bounded(until, "reading the schema", async |conn| {
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('seaql_migrations') IS NOT NULL")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                if !exists {
+                    return Ok(Vec::new());
+                }
+                sqlx::query_scalar("SELECT version FROM seaql_migrations")
+                    .fetch_all(&mut *conn)
+                    .await
+            })
+            .await?;
+        conn.release();
+        Ok(applied)
+    }
+
     /// Stops reusing the connections open now, and stops holding calls
     /// behind the statements in flight on them.
     pub fn forget_connections(&self) {
