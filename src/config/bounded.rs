@@ -1,8 +1,14 @@
-//! The bounded-range value parser every numeric setting uses.
+//! The bounded-range value parser every numeric setting uses, and how
+//! `--help` learns each argument's range from it.
 
 use std::{fmt, marker::PhantomData, time::Duration};
 
-use clap::{Arg, builder::TypedValueParser, error::ErrorKind, parser::ValueSource};
+use clap::{
+    Arg,
+    builder::TypedValueParser,
+    error::{ContextKind, ContextValue, ErrorKind},
+    parser::ValueSource,
+};
 
 /// The inclusive range a numeric setting accepts, and its value parser:
 /// values outside are refused while parsing, with one line naming the flag,
@@ -11,15 +17,27 @@ use clap::{Arg, builder::TypedValueParser, error::ErrorKind, parser::ValueSource
 pub struct Bounded<T> {
     pub min: T,
     pub max: T,
+    /// The setting this one must stay below: checked with it once both are
+    /// parsed (`Settings::check_relations`), named here for `--help`.
+    below: Option<&'static str>,
     _unit: PhantomData<fn() -> T>,
 }
 
-impl<T> Bounded<T> {
+impl<T: Copy> Bounded<T> {
     pub const fn new(min: T, max: T) -> Self {
         Self {
             min,
             max,
+            below: None,
             _unit: PhantomData,
+        }
+    }
+
+    /// The same range, shown as also below the setting `flag`.
+    pub const fn below(self, flag: &'static str) -> Self {
+        Self {
+            below: Some(flag),
+            ..self
         }
     }
 }
@@ -64,6 +82,14 @@ impl<T: Quantity> fmt::Display for Bounded<T> {
 }
 
 impl<T: Quantity> Bounded<T> {
+    /// The range as `--help` shows it.
+    fn described(&self) -> String {
+        match self.below {
+            Some(flag) => format!("{self}, below {flag}"),
+            None => self.to_string(),
+        }
+    }
+
     /// `text` as a value in range, or why not.
     pub fn check(&self, text: &str) -> Result<T, String> {
         match T::parse(text) {
@@ -95,11 +121,36 @@ impl<T: Quantity> TypedValueParser for Bounded<T> {
     ) -> Result<T, clap::Error> {
         let text = value.to_string_lossy();
         self.check(&text).map_err(|why| {
-            clap::Error::raw(
+            let mut err = clap::Error::raw(
                 ErrorKind::ValueValidation,
                 format!("invalid {} \"{text}\": {why}", arg_names(arg, source)),
-            )
+            );
+            // What `range_of` reads.
+            err.insert(
+                ContextKind::ValidValue,
+                ContextValue::String(self.described()),
+            );
+            err
         })
+    }
+}
+
+/// The range `arg`'s value parser enforces, when it is a [`Bounded`]. clap
+/// keeps a parser opaque, so it is asked: given an empty value, a `Bounded`
+/// refuses it and names its range in the refusal (other parsers do not).
+pub(super) fn range_of(arg: &Arg) -> Option<String> {
+    let probe = Arg::new("probe")
+        .long("probe")
+        .value_parser(arg.get_value_parser().clone());
+    let refusal = clap::Command::new("probe")
+        .arg(probe)
+        .try_get_matches_from(["probe", "--probe", ""])
+        .err()?;
+    match refusal.get(ContextKind::ValidValue) {
+        Some(ContextValue::String(range)) if refusal.kind() == ErrorKind::ValueValidation => {
+            Some(range.clone())
+        }
+        _ => None,
     }
 }
 

@@ -67,7 +67,7 @@ pub struct ImportArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Rows per database statement (1 to 10,000).
+    /// Rows per database statement.
     #[arg(long, value_name = "ROWS", default_value = "5000", value_parser = bounds::IMPORT_BATCH_ROWS)]
     pub batch_rows: usize,
 }

@@ -87,27 +87,35 @@ impl Cli {
     }
 }
 
-/// The clap command, with each setting's range added to its help.
+/// The clap command, each ranged argument's help ending with its range as
+/// its own value parser states it (so a range is written once, in
+/// `bounds`).
 pub fn command() -> clap::Command {
-    let ranges = settings::ranges();
-    Cli::command().mut_args(|arg| {
-        let Some((_, range)) = ranges.iter().find(|(id, _)| arg.get_id() == id) else {
-            return arg;
-        };
-        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
-        let long_help = arg.get_long_help().map(ToString::to_string);
-        let arg = arg.help(format!("{help} [range: {range}]"));
-        match long_help {
-            Some(long) => arg.long_help(format!("{long}\n\n[range: {range}]")),
+    with_ranges(Cli::command())
+}
+
+fn with_ranges(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| match bounded::range_of(&arg) {
+            Some(range) => with_range_in_help(arg, &range),
             None => arg,
-        }
-    })
+        })
+        .mut_subcommands(with_ranges)
+}
+
+fn with_range_in_help(arg: clap::Arg, range: &str) -> clap::Arg {
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    let long_help = arg.get_long_help().map(ToString::to_string);
+    let arg = arg.help(format!("{help} [range: {range}]"));
+    match long_help {
+        Some(long) => arg.long_help(format!("{long}\n\n[range: {range}]")),
+        None => arg,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use settings::ranges;
 
     /// `args` parsed as the command line, ignoring this process' environment.
     pub(super) fn load(args: &[&str]) -> Result<Cli, ConfigError> {
@@ -115,26 +123,42 @@ mod tests {
         Cli::load_with(without_env, [&["customer-mapping"], args].concat())
     }
 
+    /// Every argument, with the subcommand it belongs to (`None`: the top
+    /// level, where the settings are) and its range, if it has one.
+    fn arguments(command: &clap::Command) -> Vec<(Option<&str>, &clap::Arg, Option<String>)> {
+        let top = command.get_arguments().map(|arg| (None, arg));
+        let nested = command.get_subcommands().flat_map(|sub| {
+            sub.get_arguments()
+                .map(move |arg| (Some(sub.get_name()), arg))
+        });
+        top.chain(nested)
+            .map(|(sub, arg)| (sub, arg, bounded::range_of(arg)))
+            .collect()
+    }
+
+    fn long_flag(arg: &clap::Arg) -> String {
+        format!("--{}", arg.get_long().expect("a long flag"))
+    }
+
     #[test]
     fn every_range_is_enforced_as_help_says() {
         let command = command();
-        for (id, range) in ranges() {
-            let arg = command
-                .get_arguments()
-                .find(|a| a.get_id() == id)
-                .unwrap_or_else(|| panic!("no argument {id}"));
+        for (sub, arg, range) in arguments(&command) {
+            let Some(range) = range else { continue };
             let help = arg.get_help().expect("help").to_string();
-            assert!(help.contains(&range), "{id}: {help}");
-            let flag = format!("--{}", arg.get_long().expect("a long flag"));
+            assert!(help.contains(&format!("[range: {range}]")), "{help}");
+            let flag = long_flag(arg);
             for refused in ["0", "0s", "99999999999h", "99999999999999999999"] {
                 // The flag wins over the environment; the line names both.
-                let err = Cli::try_load_from(["customer-mapping", &flag, refused])
+                let args = ["customer-mapping"].into_iter().chain(sub);
+                let err = Cli::try_load_from(args.chain([flag.as_str(), refused]))
                     .expect_err(&format!("{flag} {refused}"));
-                let env = arg.get_env().expect("an env var").to_string_lossy();
+                if let Some(env) = arg.get_env() {
+                    assert!(err.line.contains(env.to_string_lossy().as_ref()), "{err}");
+                }
                 assert!(err.line.contains(&flag), "{err}");
-                assert!(err.line.contains(env.as_ref()), "{err}");
                 assert!(err.line.contains(refused), "{err}");
-                // The parser in the attribute is the one the table names.
+                // The range shown is the one the parser enforces.
                 let bound = range.split(',').next().expect("a range");
                 assert!(err.line.contains(&format!("allowed {bound}")), "{err}");
                 assert!(!err.line.contains('\n'), "{err}");
@@ -144,7 +168,7 @@ mod tests {
 
     #[test]
     fn every_number_has_a_range() {
-        // Addresses, files, switches and the log format have no range.
+        // Addresses, files, names, switches and the log format have none.
         let unranged = [
             "listen_addr",
             "metrics_addr",
@@ -159,14 +183,23 @@ mod tests {
             "allow_insecure_plaintext",
             "reflection",
             "log_format",
+            "csv",
+            "from_database_url",
+            "table",
+            "user_column",
+            "customer_column",
+            "created_at_column",
+            "report",
+            "dry_run",
             "help",
             "version",
         ];
-        let ranged: Vec<&str> = ranges().iter().map(|(id, _)| *id).collect();
-        for arg in command().get_arguments() {
+        let command = command();
+        let arguments = arguments(&command);
+        for (_, arg, range) in &arguments {
             let id = arg.get_id().as_str();
             assert!(
-                ranged.contains(&id) || unranged.contains(&id),
+                range.is_some() || unranged.contains(&id),
                 "{id}: give it a range in config::bounds"
             );
         }
@@ -176,17 +209,23 @@ mod tests {
     fn the_readme_shows_every_range() {
         let readme = include_str!("../../README.md");
         let command = command();
-        for (id, range) in ranges() {
-            let arg = command
-                .get_arguments()
-                .find(|a| a.get_id() == id)
-                .expect("an argument");
-            let flag = format!("`--{}`", arg.get_long().expect("a long flag"));
+        for (_, arg, range) in arguments(&command) {
+            let Some(range) = range else { continue };
+            let flag = format!("`{}`", long_flag(arg));
             let row = readme
                 .lines()
+                .map(str::trim_start)
                 .find(|l| l.starts_with(&format!("| {flag}")))
                 .unwrap_or_else(|| panic!("no README row for {flag}"));
-            let range = range.replace("--health-probe-interval", "`--health-probe-interval`");
+            // The README quotes flags.
+            let range: Vec<String> = range
+                .split(' ')
+                .map(|w| match w.starts_with("--") {
+                    true => format!("`{w}`"),
+                    false => w.to_owned(),
+                })
+                .collect();
+            let range = range.join(" ");
             assert!(row.contains(&range), "README row for {flag} lacks {range}");
         }
     }

@@ -34,8 +34,9 @@ pub mod bounds {
     pub const DATABASE_STALL_TIMEOUT: Bounded<Duration> = Bounded::new(ms(1), secs(60));
     pub const SQLITE_BUSY_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(60));
     pub const HEALTH_PROBE_INTERVAL: Bounded<Duration> = Bounded::new(ms(10), secs(600));
-    /// Also shorter than the probe interval (checked with it).
-    pub const HEALTH_PROBE_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(600));
+    /// Also shorter than the probe interval, or checks overlap.
+    pub const HEALTH_PROBE_TIMEOUT: Bounded<Duration> =
+        Bounded::new(ms(10), secs(600)).below("--health-probe-interval");
     /// The drain, then closing the pool (up to 2 s), then the exit, inside
     /// the grace period, with a few seconds to spare.
     pub const SHUTDOWN_DRAIN_TIMEOUT: Bounded<Duration> = Bounded::new(
@@ -57,50 +58,6 @@ pub mod bounds {
     pub const IMPORT_BATCH_ROWS: Bounded<usize> = Bounded::new(1, 10_000);
 }
 
-/// Each ranged argument's id and its range, for `--help` (the parsers are
-/// given in the attributes; a unit test checks the two agree).
-pub(super) fn ranges() -> [(&'static str, String); 16] {
-    use bounds::*;
-    [
-        (
-            "database_max_connections",
-            DATABASE_MAX_CONNECTIONS.to_string(),
-        ),
-        (
-            "database_acquire_timeout",
-            DATABASE_ACQUIRE_TIMEOUT.to_string(),
-        ),
-        (
-            "database_connect_timeout",
-            DATABASE_CONNECT_TIMEOUT.to_string(),
-        ),
-        ("database_stall_timeout", DATABASE_STALL_TIMEOUT.to_string()),
-        ("sqlite_busy_timeout", SQLITE_BUSY_TIMEOUT.to_string()),
-        ("health_probe_interval", HEALTH_PROBE_INTERVAL.to_string()),
-        (
-            "health_probe_timeout",
-            format!("{HEALTH_PROBE_TIMEOUT}, below --health-probe-interval"),
-        ),
-        ("shutdown_drain_timeout", SHUTDOWN_DRAIN_TIMEOUT.to_string()),
-        ("max_request_bytes", MAX_REQUEST_BYTES.to_string()),
-        ("max_concurrent_streams", MAX_CONCURRENT_STREAMS.to_string()),
-        (
-            "max_concurrent_requests",
-            MAX_CONCURRENT_REQUESTS.to_string(),
-        ),
-        ("max_connections", MAX_CONNECTIONS.to_string()),
-        ("default_deadline", DEFAULT_DEADLINE.to_string()),
-        ("handshake_timeout", HANDSHAKE_TIMEOUT.to_string()),
-        (
-            "http2_keepalive_interval",
-            HTTP2_KEEPALIVE_INTERVAL.to_string(),
-        ),
-        (
-            "http2_keepalive_timeout",
-            HTTP2_KEEPALIVE_TIMEOUT.to_string(),
-        ),
-    ]
-}
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Address to serve gRPC on. Use 0.0.0.0:50051 in a container.
