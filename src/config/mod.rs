@@ -15,7 +15,10 @@ mod error;
 mod import;
 mod settings;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{
+    Arg, Args, CommandFactory, FromArgMatches, Parser, Subcommand, builder::TypedValueParser,
+    error::ErrorKind,
+};
 
 pub use bounded::{Bounded, Quantity};
 pub use database_url::{DatabaseUrl, redact_url};
@@ -87,11 +90,11 @@ impl Cli {
     }
 }
 
-/// The clap command, each ranged argument's help ending with its range as
+/// The clap command: each ranged argument's help ends with its range as
 /// its own value parser states it (so a range is written once, in
-/// `bounds`).
+/// `bounds`), and `migrate` and `import` take only the settings they use.
 pub fn command() -> clap::Command {
-    with_ranges(Cli::command())
+    serve_only_settings_refused_elsewhere(with_ranges(Cli::command()))
 }
 
 fn with_ranges(command: clap::Command) -> clap::Command {
@@ -113,6 +116,72 @@ fn with_range_in_help(arg: clap::Arg, range: &str) -> clap::Arg {
     }
 }
 
+/// The settings are global, so that they may come before or after `serve`
+/// or no subcommand at all. A subcommand that has an argument of a global's
+/// name does not get the global, so `migrate` and `import` are given, for
+/// each setting only `serve` uses, a hidden one that refuses it: their
+/// help shows what they read, and a serving flag after them is an error,
+/// not silently ignored. (Before the subcommand it is parsed, checked and
+/// ignored, as the environment's variables are.)
+fn serve_only_settings_refused_elsewhere(command: clap::Command) -> clap::Command {
+    let serve_only: Vec<Arg> = command
+        .get_arguments()
+        .filter(|arg| arg.is_global_set() && !shared(arg.get_id().as_str()))
+        .map(refused_here)
+        .collect();
+    command.mut_subcommands(|sub| match sub.get_name() {
+        "serve" => sub,
+        _ => sub.args(serve_only.iter().cloned()),
+    })
+}
+
+/// What `migrate` and `import` read besides their own arguments: the
+/// database settings (except whether `serve` migrates) and the log format.
+fn shared(id: &str) -> bool {
+    let database = DatabaseSettings::augment_args(clap::Command::new("database"));
+    id == "log_format"
+        || (id != "migrate_on_start" && database.get_arguments().any(|arg| arg.get_id() == id))
+}
+
+/// `arg`, hidden, from the command line only, refusing any value.
+fn refused_here(arg: &Arg) -> Arg {
+    arg.clone()
+        .global(false)
+        .hide(true)
+        .env(None)
+        .default_value(None)
+        .requires(clap::builder::Resettable::Reset)
+        .conflicts_with(clap::builder::Resettable::Reset)
+        .action(clap::ArgAction::Set)
+        .num_args(0..=1)
+        .default_missing_value("")
+        .value_parser(ServeOnly)
+}
+
+/// The value parser of a serving setting given to another subcommand.
+#[derive(Clone)]
+struct ServeOnly;
+
+impl TypedValueParser for ServeOnly {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&Arg>,
+        _value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let flag = arg.and_then(Arg::get_long).unwrap_or_default();
+        Err(clap::Error::raw(
+            ErrorKind::ArgumentConflict,
+            format!(
+                "--{flag} is a setting of `serve`; `{}` does not use it",
+                cmd.get_name()
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +200,9 @@ mod tests {
             sub.get_arguments()
                 .map(move |arg| (Some(sub.get_name()), arg))
         });
+        // Hidden: a serving setting refused by another subcommand.
         top.chain(nested)
+            .filter(|(_, arg)| !arg.is_hide_set())
             .map(|(sub, arg)| (sub, arg, bounded::range_of(arg)))
             .collect()
     }
@@ -228,5 +299,85 @@ mod tests {
             let range = range.join(" ");
             assert!(row.contains(&range), "README row for {flag} lacks {range}");
         }
+    }
+
+    fn help_of(subcommand: &str) -> String {
+        let mut command = command();
+        command.build();
+        let sub = command
+            .find_subcommand_mut(subcommand)
+            .expect("a subcommand");
+        sub.render_long_help().to_string()
+    }
+
+    #[test]
+    fn migrate_and_import_show_only_the_settings_they_use() {
+        for subcommand in ["migrate", "import"] {
+            let help = help_of(subcommand);
+            for used in [
+                "--database-url ",
+                "--database-connect-timeout",
+                "--log-format",
+            ] {
+                assert!(help.contains(used), "{subcommand} lacks {used}: {help}");
+            }
+            for unused in [
+                "--listen-addr",
+                "--migrate-on-start",
+                "--max-request-bytes",
+                "--tls",
+            ] {
+                assert!(
+                    !help.contains(unused),
+                    "{subcommand} shows {unused}: {help}"
+                );
+            }
+        }
+        let serve = help_of("serve");
+        for used in [
+            "--listen-addr",
+            "--migrate-on-start",
+            "--database-url ",
+            "--log-format",
+        ] {
+            assert!(serve.contains(used), "serve lacks {used}");
+        }
+    }
+
+    #[test]
+    fn a_serving_setting_after_another_subcommand_is_refused() {
+        for args in [
+            &["migrate", "--listen-addr", "127.0.0.1:1"][..],
+            &["import", "--csv", "m.csv", "--max-request-bytes", "100"],
+            &["migrate", "--migrate-on-start"],
+        ] {
+            let err = load(args).expect_err("refused");
+            assert!(err.line.contains("is a setting of `serve`"), "{err}");
+            assert!(err.line.contains(&format!("`{}`", args[0])), "{err}");
+        }
+    }
+
+    #[test]
+    fn serving_settings_go_before_or_after_serve_or_without_it() {
+        let addr = "127.0.0.1:1234";
+        for args in [
+            &["--listen-addr", addr][..],
+            &["serve", "--listen-addr", addr],
+            &["--listen-addr", addr, "serve"],
+            // Parsed and ignored, as before.
+            &["--listen-addr", addr, "migrate"],
+        ] {
+            let cli = load(args).unwrap_or_else(|err| panic!("{args:?}: {err}"));
+            assert_eq!(cli.settings.listen_addr.to_string(), addr, "{args:?}");
+        }
+        let cli = load(&[
+            "--max-request-bytes",
+            "5",
+            "serve",
+            "--max-request-bytes",
+            "7",
+        ])
+        .expect("parses");
+        assert_eq!(cli.settings.limits.max_request_bytes, 7, "the later wins");
     }
 }
