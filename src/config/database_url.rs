@@ -223,6 +223,24 @@ impl FromArgMatches for DatabaseUrl {
     }
 }
 
+/// The import writes into its target, and the default is a new SQLite
+/// file in the working directory, which no one means to import into: the
+/// target must be named.
+pub(super) fn check_named(matches: &ArgMatches) -> Result<(), String> {
+    let named = matches.contains_id(URL_FILE_ARG)
+        || matches
+            .value_source(URL_ARG)
+            .is_some_and(|source| source != ValueSource::DefaultValue);
+    if named {
+        return Ok(());
+    }
+    Err(
+        "import needs its target database: set DATABASE_URL (or --database-url, \
+         or DATABASE_URL_FILE) to the service's database"
+            .to_owned(),
+    )
+}
+
 /// Replaces the password of a connection URL with `***`. A URL that does not
 /// parse is replaced whole: it might hold a password in a place we can't see.
 pub fn redact_url(raw: &str) -> String {
@@ -310,5 +328,30 @@ mod tests {
         assert!(load(&["--database-url", "sqlite::memory:"]).is_ok());
         assert!(load(&["--database-url", "sqlite://?mode=memory"]).is_ok());
         assert!(load(&["--database-url", "postgres://app:pw@127.0.0.1:1/db"]).is_ok());
+    }
+
+    #[test]
+    fn an_import_needs_its_target_named() {
+        let err = load(&["import", "--csv", "m.csv"]).expect_err("no target");
+        assert!(err.line.contains("set DATABASE_URL"), "{err}");
+        let named = load(&[
+            "import",
+            "--csv",
+            "m.csv",
+            "--database-url",
+            "sqlite::memory:",
+        ]);
+        assert!(named.is_ok(), "{named:?}");
+        let before = load(&[
+            "--database-url",
+            "sqlite::memory:",
+            "import",
+            "--csv",
+            "m.csv",
+        ]);
+        assert!(before.is_ok(), "{before:?}");
+        // Serving and migrating keep their default.
+        assert!(load(&["migrate"]).is_ok());
+        assert!(load(&[]).is_ok());
     }
 }

@@ -8,7 +8,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::{DatabaseUrl, bounds};
 
 /// `customer-mapping import`. The target is `DATABASE_URL`, as for
-/// `migrate`.
+/// `migrate`, but never its default (`Cli::load` refuses to import without
+/// one named).
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Import", group(
     clap::ArgGroup::new("source").required(true).args(["csv", "from_database_url"])

@@ -86,6 +86,9 @@ impl Cli {
         let cli =
             Self::from_arg_matches(&matches).map_err(|e| ConfigError::refused(e, &command))?;
         cli.settings.check_relations().map_err(ConfigError::line)?;
+        if let Some(Command::Import(_)) = cli.command {
+            database_url::check_named(&matches).map_err(ConfigError::line)?;
+        }
         Ok(cli)
     }
 }

@@ -804,3 +804,41 @@ async fn bad_arguments_and_unreadable_sources_exit_2_with_one_line() {
     );
     db.close().await.expect("closes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_import_needs_a_named_target_and_names_it() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(
+        dir.path(),
+        "in.csv",
+        "user_id,stripe_customer_id\nu,cus_1\n",
+    );
+    let output = Command::new(BINARY)
+        .current_dir(dir.path())
+        .args(["import", "--csv", &csv.display().to_string()])
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_URL_FILE")
+        .output()
+        .expect("the binary runs");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{printed}");
+    let lines: Vec<&str> = printed.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {printed}");
+    assert!(lines[0].contains("set DATABASE_URL"), "{printed}");
+    assert!(
+        !dir.path().join("customer-mapping.db").exists(),
+        "the default database was not created"
+    );
+
+    // Named, it is the first thing the import says.
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let run = import(&database.url, &["--csv", &csv.display().to_string()]).await;
+    assert_eq!(run.code, 0, "{:?}", run.events);
+    assert_eq!(
+        run.events[0]["database"],
+        customer_mapping::config::redact_url(&database.url),
+        "{:?}",
+        run.events
+    );
+}
