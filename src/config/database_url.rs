@@ -62,6 +62,13 @@ impl DatabaseUrl {
                                 in-memory database)"
                         .to_owned());
                 }
+                // Without a mode SQLite does not create the file, and the
+                // server would wait for it forever: create it, as the
+                // default URL says to.
+                if !params.contains_key("mode") && name != ":memory:" {
+                    let separator = if raw.contains('?') { '&' } else { '?' };
+                    return Ok(Self(format!("{raw}{separator}mode=rwc").into()));
+                }
             }
             other => {
                 return Err(format!(
@@ -162,7 +169,8 @@ impl Args for DatabaseUrl {
                 .global(true)
                 .help(
                     "PostgreSQL (`postgres://user:password@host/db`) or SQLite \
-                     (`sqlite://file.db?mode=rwc`) connection URL",
+                     (`sqlite://file.db`, created if missing unless a `mode` says \
+                     otherwise) connection URL",
                 ),
         )
         .arg(
@@ -353,5 +361,24 @@ mod tests {
         // Serving and migrating keep their default.
         assert!(load(&["migrate"]).is_ok());
         assert!(load(&[]).is_ok());
+    }
+
+    #[test]
+    fn a_sqlite_file_without_a_mode_is_created() {
+        for (given, used) in [
+            ("sqlite://x.db", "sqlite://x.db?mode=rwc"),
+            ("sqlite:rel.db", "sqlite:rel.db?mode=rwc"),
+            (
+                "sqlite://x.db?cache=shared",
+                "sqlite://x.db?cache=shared&mode=rwc",
+            ),
+            ("sqlite://x.db?mode=rwc", "sqlite://x.db?mode=rwc"),
+            ("sqlite://x.db?mode=ro", "sqlite://x.db?mode=ro"),
+            ("sqlite://?mode=memory", "sqlite://?mode=memory"),
+            ("sqlite::memory:", "sqlite::memory:"),
+        ] {
+            let url = DatabaseUrl::parse(given).expect(given);
+            assert_eq!(url.expose_secret(), used);
+        }
     }
 }
