@@ -43,8 +43,8 @@ pub mod bounds {
         secs(1),
         Duration::from_secs(KUBERNETES_GRACE_PERIOD.as_secs() - 5),
     );
-    /// gRPC's customary 4 MiB message limit; requests here are a few
-    /// hundred bytes.
+    /// gRPC's customary 4 MiB message limit; at least the largest valid
+    /// request (see the default).
     pub const MAX_REQUEST_BYTES: Bounded<usize> = Bounded::new(1, 4 * 1024 * 1024);
     pub const MAX_CONCURRENT_STREAMS: Bounded<u32> = Bounded::new(1, 10_000);
     pub const MAX_CONCURRENT_REQUESTS: Bounded<usize> = Bounded::new(1, 100_000);
@@ -201,13 +201,19 @@ pub struct AccessSettings {
     pub health_listen_addr: Option<SocketAddr>,
 }
 
+/// 1 MiB: the contract's largest valid request, a BatchGet of 1,000 user
+/// ids of 255 four-byte characters, is 1,026,000 bytes
+/// (`grpc::limits::largest_valid_request`). Any less and a caller keeping
+/// to the contract would be refused by a limit it was never told of.
+const MAX_REQUEST_BYTES_DEFAULT: usize = 1024 * 1024;
+
 /// Bounds on what one caller, one connection or the whole server can make
 /// the service hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
 pub struct LimitSettings {
     /// Largest request message accepted, in bytes; larger ones get
     /// RESOURCE_EXHAUSTED before any work is done.
-    #[arg(long, env = "MAX_REQUEST_BYTES", default_value = "16384", value_parser = bounds::MAX_REQUEST_BYTES, global = true)]
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES_DEFAULT, value_parser = bounds::MAX_REQUEST_BYTES, global = true)]
     pub max_request_bytes: usize,
 
     /// Most RPCs one HTTP/2 connection may have open at once (advertised to
@@ -366,7 +372,7 @@ mod tests {
         );
         assert!(settings.database.migrate_on_start);
         assert_eq!(cli.settings.limits, settings.limits);
-        assert_eq!(settings.limits.max_request_bytes, 16 * 1024);
+        assert_eq!(settings.limits.max_request_bytes, 1024 * 1024);
         assert_eq!(settings.health.health_probe_interval, secs(5));
         assert!(settings.access.reflection);
         assert!(settings.check_transport().is_ok());
@@ -434,5 +440,19 @@ mod tests {
             .check_transport()
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_default_request_size_admits_the_largest_valid_request() {
+        use prost::Message;
+        let largest = crate::grpc::limits::largest_valid_request();
+        let keys = &largest.keys;
+        assert_eq!(keys.len(), crate::mapping::MAX_BATCH_KEYS);
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len());
+        let size = largest.encoded_len();
+        assert_eq!(size, 1_026_000, "the figure the comments give");
+        assert!(Settings::defaults().limits.max_request_bytes >= size);
+        assert!(bounds::MAX_REQUEST_BYTES.max >= size);
     }
 }
