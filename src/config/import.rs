@@ -33,6 +33,10 @@ pub struct ImportArgs {
     pub from_database_url: Option<SourceUrl>,
 
     /// The table to read, optionally schema-qualified (`public.stripe_customers`).
+    /// Its rows are read oldest first by the time column (ties in primary-key
+    /// order); a table without one, in primary-key order; a table without
+    /// either, by user id, then customer id. Of two rows that contradict each
+    /// other, the first read is imported and the other refused.
     #[arg(long, value_name = "NAME", requires = "from_database_url")]
     pub table: Option<String>,
 

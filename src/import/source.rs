@@ -333,8 +333,9 @@ async fn open_table(
             .any(|c| c == CREATED_AT)
             .then(|| CREATED_AT.to_owned())
     });
+    let primary_key = primary_key(&mut conn, schema, name).await?;
     let quoted = quote_table(schema, name);
-    let select = select_rows(&quoted, args, created_at.as_deref());
+    let select = select_rows(&quoted, args, created_at.as_deref(), &primary_key);
     let count = count_rows(&mut conn, &quoted).await?;
     position.total.store(count, Relaxed);
     Ok(Kind::Table {
@@ -399,6 +400,30 @@ async fn table_columns(
     Ok(columns.into_iter().map(|(c,)| c).collect())
 }
 
+/// The columns of the table's primary key, in the key's order; none when
+/// it has none. Read from the catalog, which any user may read (the
+/// information schema shows constraints only to a table's writers).
+async fn primary_key(
+    conn: &mut PgConnection,
+    schema: Option<&str>,
+    name: &str,
+) -> Result<Vec<String>, String> {
+    let query = sqlx::query_as(
+        "SELECT a.attname::text FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indisprimary AND n.nspname = COALESCE($1, current_schema()) \
+         AND c.relname = $2 \
+         ORDER BY array_position(i.indkey, a.attnum)",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(conn);
+    let columns: Vec<(String,)> = bounded("reading the table's primary key", query).await?;
+    Ok(columns.into_iter().map(|(c,)| c).collect())
+}
+
 /// Every column the arguments name must be one of the table's.
 fn check_columns(table: &str, columns: &[String], args: &ImportArgs) -> Result<(), String> {
     let named = [
@@ -423,21 +448,31 @@ fn check_columns(table: &str, columns: &[String], args: &ImportArgs) -> Result<(
 }
 
 /// The query that reads the rows, in the order that decides which of two
-/// contradicting rows is imported.
-fn select_rows(quoted: &str, args: &ImportArgs, created_at: Option<&str>) -> String {
+/// contradicting rows is imported (the first read): oldest first when the
+/// table says when, then in the order the rows were keyed in (the primary
+/// key); a table with neither, by its ids (`--help` and the README say so).
+fn select_rows(
+    quoted: &str,
+    args: &ImportArgs,
+    created_at: Option<&str>,
+    primary_key: &[String],
+) -> String {
     let (user, customer) = (quote(&args.user_column), quote(&args.customer_column));
-    // Oldest first when the table says when: of two rows that contradict
-    // each other, the earlier mapping is imported and the later refused.
-    match created_at.map(quote) {
-        Some(created) => format!(
-            "SELECT {user}::text, {customer}::text, {created}::timestamptz FROM {quoted} \
-             ORDER BY {created} NULLS LAST, {user}, {customer}"
-        ),
-        None => format!(
-            "SELECT {user}::text, {customer}::text, NULL::timestamptz FROM {quoted} \
-             ORDER BY {user}, {customer}"
-        ),
-    }
+    let created = created_at.map_or_else(|| "NULL".to_owned(), quote);
+    let ties: Vec<String> = match primary_key {
+        [] => vec![user.clone(), customer.clone()],
+        key => key.iter().map(|column| quote(column)).collect(),
+    };
+    let order: Vec<String> = created_at
+        .map(|_| format!("{created} NULLS LAST"))
+        .into_iter()
+        .chain(ties)
+        .collect();
+    format!(
+        "SELECT {user}::text, {customer}::text, {created}::timestamptz FROM {quoted} \
+         ORDER BY {}",
+        order.join(", ")
+    )
 }
 
 async fn count_rows(conn: &mut PgConnection, quoted: &str) -> Result<u64, String> {
