@@ -20,8 +20,14 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings).await,
         Command::Migrate => startup::migrate(&cli.settings.database).await,
-        // Its exit status says more than success or failure (see --help).
-        Command::Import(args) => return import::run(&cli.settings, &args).await,
+        Command::Import(args) => {
+            tracing::info!(
+                database = %cli.settings.database.redacted_url(),
+                "importing into this database"
+            );
+            // Its exit status says more than success or failure (see --help).
+            return import::run(&cli.settings, &args).await;
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -315,58 +315,118 @@ async fn open_table(
     args: &ImportArgs,
     position: &Position,
 ) -> Result<Kind, String> {
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|_| "--from-database-url is not a PostgreSQL connection URL".to_owned())?;
-    let options = options.disable_statement_logging();
-    let failed = |what: &str, err: &dyn std::fmt::Display| {
-        format!("cannot read the source database ({what}): {err}")
-    };
-    let mut conn = tokio::time::timeout(SOURCE_CONNECT_TIMEOUT, options.connect())
-        .await
-        .map_err(|_| failed("connecting", &"no answer in time"))?
-        .map_err(|e| failed("connecting", &e))?;
-    let bounded = SOURCE_READ_TIMEOUT;
-    // One snapshot for the count and the rows; timestamps without a time
-    // zone are read as UTC.
-    for setup in [
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        "SET LOCAL TIME ZONE 'UTC'",
-    ] {
-        tokio::time::timeout(
-            bounded,
-            sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut conn),
-        )
-        .await
-        .map_err(|_| failed("starting a read", &"no answer in time"))?
-        .map_err(|e| failed("starting a read", &e))?;
-    }
+    let mut conn = connect_for_one_snapshot(url).await?;
     let (schema, name) = match table.split_once('.') {
         Some((schema, name)) => (Some(schema), name),
         None => (None, table),
     };
-    let columns: Vec<(String,)> = tokio::time::timeout(
-        bounded,
-        sqlx::query_as(
-            "SELECT column_name::text FROM information_schema.columns \
-             WHERE table_schema = COALESCE($1, current_schema()) AND table_name = $2 \
-             ORDER BY ordinal_position",
-        )
-        .bind(schema)
-        .bind(name)
-        .fetch_all(&mut conn),
-    )
-    .await
-    .map_err(|_| failed("reading the table's columns", &"no answer in time"))?
-    .map_err(|e| failed("reading the table's columns", &e))?;
-    let columns: Vec<String> = columns.into_iter().map(|(c,)| c).collect();
+    let columns = table_columns(&mut conn, schema, name).await?;
     if columns.is_empty() {
         return Err(format!(
             "the source database has no table {table} (or this user may not read it)"
         ));
     }
-    let has = |c: &str| columns.iter().any(|have| have == c);
-    for (flag, column) in [
+    check_columns(table, &columns, args)?;
+    let created_at = args.created_at_column.clone().or_else(|| {
+        columns
+            .iter()
+            .any(|c| c == CREATED_AT)
+            .then(|| CREATED_AT.to_owned())
+    });
+    let primary_key = primary_key(&mut conn, schema, name).await?;
+    let quoted = quote_table(schema, name);
+    let select = select_rows(&quoted, args, created_at.as_deref(), &primary_key);
+    let count = count_rows(&mut conn, &quoted).await?;
+    position.total.store(count, Relaxed);
+    Ok(Kind::Table {
+        name: table.to_owned(),
+        conn,
+        select,
+    })
+}
+
+/// `work` on the source database, bounded in time; the error is one line
+/// saying what was being done.
+async fn bounded<T>(
+    what: &str,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, String> {
+    let failed =
+        |err: &dyn std::fmt::Display| format!("cannot read the source database ({what}): {err}");
+    tokio::time::timeout(SOURCE_READ_TIMEOUT, work)
+        .await
+        .map_err(|_| failed(&"no answer in time"))?
+        .map_err(|e| failed(&e))
+}
+
+/// A connection inside a read-only transaction, so that the count and the
+/// rows come from one snapshot; timestamps without a time zone are read as
+/// UTC.
+async fn connect_for_one_snapshot(url: &str) -> Result<PgConnection, String> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|_| "--from-database-url is not a PostgreSQL connection URL".to_owned())?;
+    let options = options.disable_statement_logging();
+    let mut conn = tokio::time::timeout(SOURCE_CONNECT_TIMEOUT, options.connect())
+        .await
+        .map_err(|_| "cannot read the source database (connecting): no answer in time".to_owned())?
+        .map_err(|e| format!("cannot read the source database (connecting): {e}"))?;
+    for setup in [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        "SET LOCAL TIME ZONE 'UTC'",
+    ] {
+        let statement = sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut conn);
+        bounded("starting a read", statement).await?;
+    }
+    Ok(conn)
+}
+
+/// The table's columns, in their order; none when there is no such table
+/// (or this user may not see it).
+async fn table_columns(
+    conn: &mut PgConnection,
+    schema: Option<&str>,
+    name: &str,
+) -> Result<Vec<String>, String> {
+    let query = sqlx::query_as(
+        "SELECT column_name::text FROM information_schema.columns \
+         WHERE table_schema = COALESCE($1, current_schema()) AND table_name = $2 \
+         ORDER BY ordinal_position",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(conn);
+    let columns: Vec<(String,)> = bounded("reading the table's columns", query).await?;
+    Ok(columns.into_iter().map(|(c,)| c).collect())
+}
+
+/// The columns of the table's primary key, in the key's order; none when
+/// it has none. Read from the catalog, which any user may read (the
+/// information schema shows constraints only to a table's writers).
+async fn primary_key(
+    conn: &mut PgConnection,
+    schema: Option<&str>,
+    name: &str,
+) -> Result<Vec<String>, String> {
+    let query = sqlx::query_as(
+        "SELECT a.attname::text FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indisprimary AND n.nspname = COALESCE($1, current_schema()) \
+         AND c.relname = $2 \
+         ORDER BY array_position(i.indkey, a.attnum)",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(conn);
+    let columns: Vec<(String,)> = bounded("reading the table's primary key", query).await?;
+    Ok(columns.into_iter().map(|(c,)| c).collect())
+}
+
+/// Every column the arguments name must be one of the table's.
+fn check_columns(table: &str, columns: &[String], args: &ImportArgs) -> Result<(), String> {
+    let named = [
         ("--user-column", args.user_column.as_str()),
         ("--customer-column", args.customer_column.as_str()),
     ]
@@ -375,50 +435,53 @@ async fn open_table(
         args.created_at_column
             .as_deref()
             .map(|c| ("--created-at-column", c)),
-    ) {
-        if !has(column) {
+    );
+    for (flag, column) in named {
+        if !columns.iter().any(|have| have == column) {
             return Err(format!(
                 "the table {table} has no column \"{column}\" ({flag}); its columns are {}",
                 columns.join(", ")
             ));
         }
     }
-    let created_at = args
-        .created_at_column
-        .clone()
-        .or_else(|| has(CREATED_AT).then(|| CREATED_AT.to_owned()));
-    let quoted = quote_table(schema, name);
+    Ok(())
+}
+
+/// The query that reads the rows, in the order that decides which of two
+/// contradicting rows is imported (the first read): oldest first when the
+/// table says when, then in the order the rows were keyed in (the primary
+/// key); a table with neither, by its ids (`--help` and the README say so).
+fn select_rows(
+    quoted: &str,
+    args: &ImportArgs,
+    created_at: Option<&str>,
+    primary_key: &[String],
+) -> String {
     let (user, customer) = (quote(&args.user_column), quote(&args.customer_column));
-    // Oldest first when the table says when: of two rows that contradict
-    // each other, the earlier mapping is imported and the later refused.
-    let select = match created_at.as_deref().map(quote) {
-        Some(created) => format!(
-            "SELECT {user}::text, {customer}::text, {created}::timestamptz FROM {quoted} \
-             ORDER BY {created} NULLS LAST, {user}, {customer}"
-        ),
-        None => format!(
-            "SELECT {user}::text, {customer}::text, NULL::timestamptz FROM {quoted} \
-             ORDER BY {user}, {customer}"
-        ),
+    let created = created_at.map_or_else(|| "NULL".to_owned(), quote);
+    let ties: Vec<String> = match primary_key {
+        [] => vec![user.clone(), customer.clone()],
+        key => key.iter().map(|column| quote(column)).collect(),
     };
-    let count: (i64,) = tokio::time::timeout(
-        bounded,
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {quoted}"
-        )))
-        .fetch_one(&mut conn),
+    let order: Vec<String> = created_at
+        .map(|_| format!("{created} NULLS LAST"))
+        .into_iter()
+        .chain(ties)
+        .collect();
+    format!(
+        "SELECT {user}::text, {customer}::text, {created}::timestamptz FROM {quoted} \
+         ORDER BY {}",
+        order.join(", ")
     )
-    .await
-    .map_err(|_| failed("counting the rows", &"no answer in time"))?
-    .map_err(|e| failed("counting the rows", &e))?;
-    position
-        .total
-        .store(u64::try_from(count.0).unwrap_or(0), Relaxed);
-    Ok(Kind::Table {
-        name: table.to_owned(),
-        conn,
-        select,
-    })
+}
+
+async fn count_rows(conn: &mut PgConnection, quoted: &str) -> Result<u64, String> {
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {quoted}"
+    )))
+    .fetch_one(conn);
+    let (count,): (i64,) = bounded("counting the rows", query).await?;
+    Ok(u64::try_from(count).unwrap_or(0))
 }
 
 /// An identifier, quoted for PostgreSQL: whatever the operator typed is a

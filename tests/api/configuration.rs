@@ -446,3 +446,25 @@ async fn every_setting_at_its_minimum_is_served() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_url_without_a_mode_creates_its_file_and_serves() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (name, url) in [
+        (
+            "x.db",
+            format!("sqlite://{}", dir.path().join("x.db").display()),
+        ),
+        (
+            "y.db",
+            format!("sqlite:{}", dir.path().join("y.db").display()),
+        ),
+    ] {
+        let server = ServerProcess::start(&[("DATABASE_URL", url.as_str())]);
+        helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+        assert!(dir.path().join(name).is_file(), "{url}: no file");
+        server.sigterm();
+        let (status, _, server) = server.exited(Duration::from_secs(40)).await;
+        assert_eq!(status.code(), Some(0), "{url}: {:?}", server.lines());
+    }
+}

@@ -30,6 +30,7 @@ on_both_databases!(
     a_second_run_creates_nothing_and_refuses_the_same_rows,
     a_dry_run_reports_the_same_and_writes_nothing,
     the_replaced_applications_table_is_read_directly,
+    of_two_contradicting_rows_the_first_in_primary_key_order_wins,
     links_through_the_server_during_an_import_are_arbitrated_by_the_same_constraints,
 );
 
@@ -579,6 +580,54 @@ async fn the_replaced_applications_table_is_read_directly(app: TestApp) {
     db.close().await.expect("closes");
 }
 
+/// A source table keyed by `id`, whose rows are `(id, user, customer,
+/// time)`.
+async fn keyed_table(rows: &str) -> TestDatabase {
+    let source = TestDatabase::create(Backend::Postgres).await;
+    let db = Database::connect(&source.url).await.expect("connects");
+    db.execute_unprepared(&format!(
+        "CREATE TABLE old (id INT PRIMARY KEY, user_id TEXT, stripe_customer_id TEXT, \
+         inserted_at TIMESTAMPTZ); INSERT INTO old VALUES {rows}"
+    ))
+    .await
+    .expect("the old table");
+    db.close().await.expect("closes");
+    source
+}
+
+async fn of_two_contradicting_rows_the_first_in_primary_key_order_wins(app: TestApp) {
+    // Without a time, in key order, though `user-b` sorts after `user-a`.
+    let source = keyed_table("(1, 'user-b', 'cus_X', NULL), (2, 'user-a', 'cus_X', NULL)").await;
+    let args = ["--from-database-url", &source.url, "--table", "old"];
+    let run = import(&app.database.url, &args).await;
+    assert_eq!(run.counts(), (2, 1, 0, 1), "{:?}", run.events);
+    assert_eq!(app.rows().await, [("user-b".into(), "cus_X".into())]);
+
+    // With a time, oldest first, and a tie in key order.
+    let target = TestDatabase::create(app.backend).await;
+    let source = keyed_table(
+        "(1, 'user-d', 'cus_Y', '2020-01-02Z'), (2, 'user-c', 'cus_Y', '2020-01-01Z'), \
+         (3, 'user-f', 'cus_Z', '2020-01-01Z'), (4, 'user-e', 'cus_Z', '2020-01-01Z')",
+    )
+    .await;
+    let args = [
+        "--from-database-url",
+        &source.url,
+        "--table",
+        "old",
+        "--created-at-column",
+        "inserted_at",
+    ];
+    let run = import(&target.url, &args).await;
+    assert_eq!(run.counts(), (4, 2, 0, 2), "{:?}", run.events);
+    let db = Database::connect(&target.url).await.expect("connects");
+    assert_eq!(
+        sorted(helpers::read_rows(&db).await),
+        [("user-c", "cus_Y"), ("user-f", "cus_Z")].map(|(u, c)| (u.to_owned(), c.to_owned()))
+    );
+    db.close().await.expect("closes");
+}
+
 async fn links_through_the_server_during_an_import_are_arbitrated_by_the_same_constraints(
     app: TestApp,
 ) {
@@ -803,4 +852,42 @@ async fn bad_arguments_and_unreadable_sources_exit_2_with_one_line() {
         0
     );
     db.close().await.expect("closes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_import_needs_a_named_target_and_names_it() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(
+        dir.path(),
+        "in.csv",
+        "user_id,stripe_customer_id\nu,cus_1\n",
+    );
+    let output = Command::new(BINARY)
+        .current_dir(dir.path())
+        .args(["import", "--csv", &csv.display().to_string()])
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_URL_FILE")
+        .output()
+        .expect("the binary runs");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{printed}");
+    let lines: Vec<&str> = printed.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {printed}");
+    assert!(lines[0].contains("set DATABASE_URL"), "{printed}");
+    assert!(
+        !dir.path().join("customer-mapping.db").exists(),
+        "the default database was not created"
+    );
+
+    // Named, it is the first thing the import says.
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let run = import(&database.url, &["--csv", &csv.display().to_string()]).await;
+    assert_eq!(run.code, 0, "{:?}", run.events);
+    assert_eq!(
+        run.events[0]["database"],
+        customer_mapping::config::redact_url(&database.url),
+        "{:?}",
+        run.events
+    );
 }

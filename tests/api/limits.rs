@@ -5,9 +5,15 @@ use crate::helpers;
 
 use std::time::{Duration, Instant};
 
-use customer_mapping::proto::{GetRequest, LinkRequest, get_request};
+use customer_mapping::{
+    config::Settings,
+    grpc::limits::largest_valid_request,
+    proto::{GetRequest, LinkRequest, get_request, mapping_key},
+};
 use helpers::{
-    Backend, TestApp, pg,
+    Backend, TestApp, assert_invalid,
+    bulk::{batch_get, customer},
+    pg,
     raw::{EMPTY_SETTINGS, PREFACE, closed_by_server},
     spawn_app_with,
 };
@@ -16,6 +22,11 @@ use tokio::{
     net::TcpStream,
 };
 use tonic::Code;
+
+on_both_databases!(
+    the_largest_valid_request_is_served_under_the_defaults,
+    too_many_keys_are_the_contracts_own_error_under_the_defaults,
+);
 
 fn get(n: u32) -> GetRequest {
     GetRequest {
@@ -49,7 +60,8 @@ async fn an_oversized_request_is_resource_exhausted_before_any_database_work() {
         .await
         .expect_err("a 5 MB request is refused");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("16384"), "{err:?}");
+    let limit = Settings::defaults().limits.max_request_bytes;
+    assert!(err.message().contains(&limit.to_string()), "{err:?}");
 
     lock.rollback().await.expect("unlock");
     assert_eq!(pg::rows_in_table(&outside).await, 0);
@@ -168,4 +180,42 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
     // The test's own client, connected before, is unaffected.
     app.link("user-1", "cus_1").await.expect("existing client");
     app.stop().await;
+}
+
+/// A BatchGet of 1,000 user ids of 255 four-byte characters: the largest
+/// request the contract calls valid.
+async fn the_largest_valid_request_is_served_under_the_defaults(app: TestApp) {
+    let request = largest_valid_request();
+    let Some(mapping_key::Key::UserId(first)) = request.keys[0].key.clone() else {
+        panic!("a user key");
+    };
+    app.link(&first, "cus_A1").await.expect("Link");
+
+    let results = app
+        .client
+        .clone()
+        .batch_get(request.clone())
+        .await
+        .expect("served")
+        .into_inner()
+        .results;
+
+    assert_eq!(results.len(), 1000);
+    let echoed: Vec<_> = results.iter().filter_map(|r| r.key.clone()).collect();
+    assert_eq!(echoed, request.keys);
+    let linked = results.iter().filter(|r| r.mapping.is_some()).count();
+    assert_eq!(linked, 1);
+    assert!(results[0].mapping.is_some());
+}
+
+/// 1,001 realistic Stripe customer ids (about 22 KB) are refused for their
+/// number, as the contract says, not for their size.
+async fn too_many_keys_are_the_contracts_own_error_under_the_defaults(app: TestApp) {
+    let keys = (0..1001)
+        .map(|n| customer(&format!("cus_Nffr{n:010}")))
+        .collect();
+    let status = batch_get(&mut app.client.clone(), keys)
+        .await
+        .expect_err("1,001 keys");
+    assert_invalid(&status, &["keys"]);
 }
