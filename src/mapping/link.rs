@@ -10,7 +10,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 
-use super::{Actor, Mapping};
+use super::{Actor, Key, Mapping};
 
 /// Marks the rows one Link call (or one import batch) inserts. An attempt
 /// that finds its pair already linked under its own token is looking at an
@@ -47,6 +47,17 @@ pub struct LinkWrite {
     /// time for an imported mapping.
     pub time: DateTime<Utc>,
     pub actor: Actor,
+}
+
+impl LinkWrite {
+    /// The user and the customer it links.
+    pub fn keys(&self) -> [Key; 2] {
+        let mapping = &self.mapping;
+        [
+            Key::User(mapping.user_id.clone()),
+            Key::Customer(mapping.stripe_customer_id.clone()),
+        ]
+    }
 }
 
 /// A mapping found holding the user or the customer of a Link, with the

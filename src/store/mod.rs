@@ -280,16 +280,7 @@ impl Database {
         writes: &[&LinkWrite],
         until: Instant,
     ) -> Result<Vec<LinkAttempt>, DbErr> {
-        let keys: Vec<Key> = writes
-            .iter()
-            .flat_map(|w| {
-                let m = &w.mapping;
-                [
-                    Key::User(m.user_id.clone()),
-                    Key::Customer(m.stripe_customer_id.clone()),
-                ]
-            })
-            .collect();
+        let keys: Vec<Key> = writes.iter().flat_map(|w| w.keys()).collect();
         let holders = self.all(queries::holding_any(&keys), until).await?;
         rows::attempts(writes, Vec::new(), &holders)
     }

@@ -117,13 +117,7 @@ impl Db {
             let pending: Vec<Key> = chunk
                 .iter()
                 .filter(|w| !done.contains(w.mapping.user_id.as_str()))
-                .flat_map(|w| {
-                    let m = &w.mapping;
-                    [
-                        Key::User(m.user_id.clone()),
-                        Key::Customer(m.stripe_customer_id.clone()),
-                    ]
-                })
+                .flat_map(|w| w.keys())
                 .collect();
             if !pending.is_empty() {
                 holders.extend(queries::holding_any(&pending).all(&txn).await?);
