@@ -28,7 +28,9 @@ pub fn init(format: LogFormat) -> anyhow::Result<LogGuard> {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(stdout)).init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(colours()).with_writer(stdout))
+            .init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()
@@ -40,6 +42,14 @@ pub fn init(format: LogFormat) -> anyhow::Result<LogGuard> {
             .init(),
     }
     Ok(guard)
+}
+
+/// Colours only for a person at a terminal: a file or a pipe (a log
+/// collector) gets plain text, and so does anyone who sets `NO_COLOR`
+/// (no-color.org).
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// A log writer that died would leave a server that serves without a word

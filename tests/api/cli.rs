@@ -56,6 +56,8 @@ fn a_database_password_never_reaches_the_output() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    // Written to a pipe, not a terminal: plain text, no colour codes.
+    assert!(!printed.contains('\x1b'), "{printed}");
     assert!(
         printed.contains("app:***@127.0.0.1:1"),
         "the error names the database: {printed}"
