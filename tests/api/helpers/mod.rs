@@ -5,6 +5,7 @@
 pub mod bulk;
 pub mod cut_proxy;
 pub mod history;
+pub mod import;
 pub mod pg;
 pub mod pg_cluster;
 pub mod process;
