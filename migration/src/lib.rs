@@ -6,6 +6,8 @@ pub use sea_orm_migration::prelude::*;
 mod m20261128_000001_create_stripe_customers;
 mod m20261201_000001_create_mapping_events;
 mod m20261201_000002_add_link_token;
+mod m20261205_000001_add_feed_position;
+mod m20261205_000002_index_feed_position;
 mod preexisting;
 
 pub struct Migrator;
@@ -17,6 +19,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_create_stripe_customers::Migration),
             Box::new(m20261201_000001_create_mapping_events::Migration),
             Box::new(m20261201_000002_add_link_token::Migration),
+            Box::new(m20261205_000001_add_feed_position::Migration),
+            Box::new(m20261205_000002_index_feed_position::Migration),
         ]
     }
 }
@@ -32,6 +36,7 @@ pub async fn ready(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Resul
     }
     if manager.has_table("mapping_events").await?
         && manager.has_column("stripe_customers", "link_token").await?
+        && manager.has_table("customer_mapping_deployment").await?
     {
         return Ok(true);
     }
