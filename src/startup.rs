@@ -23,7 +23,7 @@ use crate::{
         reflection_interceptor,
     },
     health::{self, Health, ProbeSettings},
-    mappings::Mappings,
+    mappings::{Changes, Feed, Mappings},
     proto,
     store::{self, Database, Migrations},
     telemetry::metrics,
@@ -56,6 +56,8 @@ pub struct Application {
     enforces_policy: bool,
     store: store::Store,
     health: Health,
+    stopping: CancellationToken,
+    feed: Feed,
     services: Services,
 }
 
@@ -122,6 +124,16 @@ impl Application {
 
         let limits = settings.limits;
         let store = store::Store::default();
+        // Cancelled when shutdown begins; every background task and every
+        // Watch stream stops on it.
+        let stopping = CancellationToken::new();
+        let changes = Changes::default();
+        let feed = Feed::new(
+            store.clone(),
+            changes.clone(),
+            settings.watch,
+            stopping.clone(),
+        );
         let (health, health_service) = Health::new().await;
         let mut main = RoutesBuilder::default();
         main.add_service(health_service.clone());
@@ -136,7 +148,8 @@ impl Application {
         );
         main.add_service(
             CustomerMappingServer::new(CustomerMappingService::new(
-                Mappings::new(store.clone()),
+                Mappings::new(store.clone(), changes),
+                feed.clone(),
                 guard,
             ))
             .max_decoding_message_size(limits.max_request_bytes),
@@ -151,6 +164,8 @@ impl Application {
             enforces_policy,
             store,
             health,
+            stopping,
+            feed,
             services: Services {
                 main: main.routes(),
                 health_only: Routes::new(health_service),
@@ -198,8 +213,7 @@ impl Application {
         mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        // Cancelled when shutdown begins; every background task stops on it.
-        let stopping = CancellationToken::new();
+        let stopping = self.stopping.clone();
         // Cancelled once the main port has drained: probes stay answered
         // (NOT_SERVING) until then.
         let drained = CancellationToken::new();
@@ -259,6 +273,7 @@ impl Application {
                 stopping.clone(),
             ),
         );
+        tasks.spawn("change feed", self.feed.clone().poll());
         if let Some(m) = self.metrics.take() {
             tasks.spawn(
                 "metrics listener",

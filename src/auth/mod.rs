@@ -28,19 +28,21 @@ pub enum Rpc {
     BatchGet,
     List,
     ListEvents,
+    Watch,
 }
 
 impl Rpc {
     /// Every RPC, in the proto's order: the one list that authorization,
     /// decoding, the fuzz target and the tests iterate (a unit test checks it
     /// against the compiled proto, so a new RPC can't be left out).
-    pub const ALL: [Rpc; 6] = [
+    pub const ALL: [Rpc; 7] = [
         Rpc::Link,
         Rpc::Get,
         Rpc::Unlink,
         Rpc::BatchGet,
         Rpc::List,
         Rpc::ListEvents,
+        Rpc::Watch,
     ];
 
     /// The method name, as in the proto and the policy file.
@@ -52,6 +54,7 @@ impl Rpc {
             Rpc::BatchGet => "BatchGet",
             Rpc::List => "List",
             Rpc::ListEvents => "ListEvents",
+            Rpc::Watch => "Watch",
         }
     }
 }

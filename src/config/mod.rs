@@ -26,7 +26,7 @@ pub use error::ConfigError;
 pub use import::{ImportArgs, SourceUrl};
 pub use settings::{
     AccessSettings, DatabaseSettings, HealthSettings, KUBERNETES_GRACE_PERIOD, LimitSettings,
-    LogFormat, Settings, TlsSettings, bounds,
+    LogFormat, Settings, TlsSettings, WatchSettings, bounds,
 };
 
 /// The single source of truth for which Stripe customer belongs to which user.

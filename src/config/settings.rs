@@ -53,6 +53,9 @@ pub mod bounds {
     pub const HANDSHAKE_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(60));
     pub const HTTP2_KEEPALIVE_INTERVAL: Bounded<Duration> = Bounded::new(ms(10), secs(3600));
     pub const HTTP2_KEEPALIVE_TIMEOUT: Bounded<Duration> = Bounded::new(ms(10), secs(300));
+    pub const MAX_WATCHERS: Bounded<usize> = Bounded::new(1, 100_000);
+    pub const WATCH_BOOKMARK_INTERVAL: Bounded<Duration> = Bounded::new(ms(100), secs(60));
+    pub const WATCH_POLL_INTERVAL: Bounded<Duration> = Bounded::new(ms(10), secs(10));
     /// PostgreSQL takes a batch as three arrays, whatever its size; ten
     /// thousand rows is a statement of about a megabyte.
     pub const IMPORT_BATCH_ROWS: Bounded<usize> = Bounded::new(1, 10_000);
@@ -83,6 +86,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub limits: LimitSettings,
+
+    #[command(flatten)]
+    pub watch: WatchSettings,
 
     /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
     #[arg(long, env = "METRICS_ADDR", global = true)]
@@ -258,6 +264,26 @@ pub struct LimitSettings {
     /// How long a ping may go unanswered before the connection is dropped.
     #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = bounds::HTTP2_KEEPALIVE_TIMEOUT, global = true)]
     pub http2_keepalive_timeout: Duration,
+}
+
+/// Watch: how many streams, how often they hear from an idle feed, and how
+/// often the feed looks for changes made elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct WatchSettings {
+    /// Most Watch streams open at once; further ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_WATCHERS", default_value = "1000", value_parser = bounds::MAX_WATCHERS, global = true)]
+    pub max_watchers: usize,
+
+    /// Longest a Watch stream goes without a response: an idle one gets a
+    /// bookmark (no events, the current cursor) this often.
+    #[arg(long, env = "WATCH_BOOKMARK_INTERVAL", default_value = "10s", value_parser = bounds::WATCH_BOOKMARK_INTERVAL, global = true)]
+    pub watch_bookmark_interval: Duration,
+
+    /// How often the feed reads the changes made through other replicas and
+    /// by `import` (changes made through this replica are read at once).
+    #[arg(long, env = "WATCH_POLL_INTERVAL", default_value = "100ms", value_parser = bounds::WATCH_POLL_INTERVAL, global = true)]
+    pub watch_poll_interval: Duration,
 }
 
 impl Settings {

@@ -7,6 +7,7 @@ use super::{
     bulk_request::{batch_get_keys, list_arguments, list_events_arguments},
     codec,
     request::{get_key, link_arguments, unlink_key},
+    watch::watch_start,
 };
 use crate::auth::Rpc;
 
@@ -22,6 +23,9 @@ pub fn decode_and_validate(method: Rpc, bytes: &[u8]) -> Result<(), Status> {
         Rpc::BatchGet => batch_get_keys(&codec::decode_request(bytes)?).map(drop),
         Rpc::List => list_arguments(&codec::decode_request(bytes)?).map(drop),
         Rpc::ListEvents => list_events_arguments(&codec::decode_request(bytes)?).map(drop),
+        // A cursor is checked against the database's deployment id, which
+        // needs the database: here, any deployment's.
+        Rpc::Watch => watch_start(&codec::decode_request(bytes)?, "fuzz").map(drop),
     }
     .map_err(Status::from)
 }

@@ -7,6 +7,7 @@
 //! - `convert`: domain values to proto messages.
 //! - `decode`: a request's bytes through decoding and validation, for the fuzzer.
 //! - `guard`: authorization, load shedding and the deadline, before a handler runs.
+//! - `watch`: Watch's cursors and its response stream.
 //! - `observe`: what wraps every call (request id, log line, metrics), around the guard.
 
 mod bulk_request;
@@ -20,6 +21,7 @@ mod page_token;
 mod request;
 mod service;
 pub mod status;
+mod watch;
 
 pub use decode::decode_and_validate;
 pub use guard::{Guard, reflection_interceptor};

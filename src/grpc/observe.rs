@@ -30,11 +30,53 @@ where
     F: FnOnce(Req, Actor) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
+    observe_with(guard, rpc, request, handler, |_, record, caller| {
+        record.finish(Code::Ok, caller, None);
+    })
+    .await
+}
+
+/// A call whose answer is a stream: its log line and count come when the
+/// stream ends, with how it ended, so the stream keeps the call's record.
+pub trait RecordedStream {
+    fn keep(&mut self, record: CallRecord);
+}
+
+/// [`observe`] for a call answered by a stream: an error is logged and
+/// counted at once, a stream when it ends.
+pub async fn observe_stream<Req, S, F, Fut>(
+    guard: &Guard,
+    rpc: Rpc,
+    request: Request<Req>,
+    handler: F,
+) -> Result<Response<S>, Status>
+where
+    F: FnOnce(Req, Actor) -> Fut,
+    Fut: Future<Output = Result<S, Status>>,
+    S: RecordedStream,
+{
+    observe_with(guard, rpc, request, handler, |stream, record, _| {
+        stream.keep(record);
+    })
+    .await
+}
+
+async fn observe_with<Req, Res, F, Fut>(
+    guard: &Guard,
+    rpc: Rpc,
+    request: Request<Req>,
+    handler: F,
+    answered: impl FnOnce(&mut Res, CallRecord, &dyn fmt::Display),
+) -> Result<Response<Res>, Status>
+where
+    F: FnOnce(Req, Actor) -> Fut,
+    Fut: Future<Output = Result<Res, Status>>,
+{
     let method = rpc.name();
     let request_id = request_id(&request);
     let deadline = caller_deadline(&request);
     let span = tracing::info_span!("rpc", method, request_id = %request_id);
-    let mut record = CallRecord {
+    let record = CallRecord {
         method,
         request_id: Some(request_id.clone()),
         deadline,
@@ -44,13 +86,12 @@ where
         .run(rpc, request, &request_id, deadline, handler)
         .instrument(span)
         .await;
-    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-    let request_id = record.finish(code, &caller);
 
     // Only visible ASCII gets here (see `request_id`), so this can't fail.
     let value = MetadataValue::try_from(request_id.as_str()).ok();
     match result {
-        Ok(message) => {
+        Ok(mut message) => {
+            answered(&mut message, record, &caller);
             let mut response = Response::new(message);
             if let Some(value) = value {
                 response.metadata_mut().insert(REQUEST_ID, value);
@@ -58,6 +99,7 @@ where
             Ok(response)
         }
         Err(mut status) => {
+            record.finish(status.code(), &caller, None);
             if let Some(value) = value {
                 status.metadata_mut().insert(REQUEST_ID, value);
             }
@@ -72,7 +114,7 @@ where
 /// deadline passes (tonic's own timer, which started a moment before ours),
 /// when the caller cancels (RST_STREAM) and when the connection goes away;
 /// without this those calls left no trace at all.
-struct CallRecord {
+pub struct CallRecord {
     method: &'static str,
     /// Taken by `finish`; still here on drop when the call was cut off.
     request_id: Option<String>,
@@ -88,10 +130,11 @@ struct CallRecord {
 const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 
 impl CallRecord {
-    fn finish(&mut self, code: Code, caller: &dyn fmt::Display) -> String {
+    /// Logs and counts the call as ended with `code`, having sent
+    /// `events` (a stream's).
+    pub fn finish(mut self, code: Code, caller: &dyn fmt::Display, events: Option<usize>) {
         let request_id = self.request_id.take().unwrap_or_default();
-        log_and_count(self.method, code, self.started, &request_id, caller);
-        request_id
+        log_and_count(self.method, code, self.started, &request_id, caller, events);
     }
 }
 
@@ -105,7 +148,14 @@ impl Drop for CallRecord {
             Some(deadline) if elapsed + DEADLINE_SLACK >= deadline => Code::DeadlineExceeded,
             _ => Code::Cancelled,
         };
-        log_and_count(self.method, code, self.started, &request_id, &"unknown");
+        log_and_count(
+            self.method,
+            code,
+            self.started,
+            &request_id,
+            &"unknown",
+            None,
+        );
     }
 }
 
@@ -115,6 +165,7 @@ fn log_and_count(
     started: Instant,
     request_id: &str,
     caller: &dyn fmt::Display,
+    events: Option<usize>,
 ) {
     let elapsed = started.elapsed();
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
@@ -124,6 +175,7 @@ fn log_and_count(
         latency_ms,
         request_id = %request_id,
         caller = %caller,
+        events,
         "rpc"
     );
     metrics::record_rpc(SERVICE_NAME, method, code, elapsed.as_secs_f64());

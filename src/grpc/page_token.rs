@@ -1,5 +1,5 @@
-//! Page tokens of List and ListEvents: opaque to callers, checked on the way
-//! back in.
+//! Page tokens of List and ListEvents, and Watch's cursors: opaque to
+//! callers, checked on the way back in.
 //!
 //! A token is the hex of a version byte, the RPC it pages, the cursor and a
 //! tag: SHA-256, truncated to 16 bytes, over a constant of this service, all
@@ -22,6 +22,8 @@ const TAG_KEY: &[u8] = b"customermapping.v1 page token";
 pub enum Paged {
     Mappings = 1,
     Events = 2,
+    /// Watch's cursors, bound to the deployment's id.
+    Watch = 3,
 }
 
 /// The token for `cursor`, valid only for `paged` with the same `request`.

@@ -8,28 +8,34 @@ use super::{
         batch_get_keys, events_token, list_arguments, list_events_arguments, list_token,
     },
     guard::Guard,
-    observe::observe,
+    observe::{observe, observe_stream},
     request::{get_key, link_arguments, unlink_key},
+    watch::{WatchStream, watch_start},
 };
 use crate::auth::Rpc;
 use crate::mapping::Actor;
-use crate::mappings::Mappings;
+use crate::mappings::{Feed, Mappings};
 use crate::proto::{
     BatchGetRequest, BatchGetResponse, BatchGetResult, GetRequest, GetResponse, LinkRequest,
     LinkResponse, ListEventsRequest, ListEventsResponse, ListRequest, ListResponse, UnlinkRequest,
-    UnlinkResponse, customer_mapping_server::CustomerMapping,
+    UnlinkResponse, WatchRequest, customer_mapping_server::CustomerMapping,
 };
 
 /// The `customermapping.v1.CustomerMapping` service.
 #[derive(Debug, Clone)]
 pub struct CustomerMappingService {
     mappings: Mappings,
+    feed: Feed,
     guard: Guard,
 }
 
 impl CustomerMappingService {
-    pub fn new(mappings: Mappings, guard: Guard) -> Self {
-        Self { mappings, guard }
+    pub fn new(mappings: Mappings, feed: Feed, guard: Guard) -> Self {
+        Self {
+            mappings,
+            feed,
+            guard,
+        }
     }
 }
 
@@ -82,6 +88,18 @@ impl CustomerMapping for CustomerMappingService {
     ) -> Result<Response<ListEventsResponse>, Status> {
         observe(&self.guard, Rpc::ListEvents, request, |message, _| {
             self.handle_list_events(message)
+        })
+        .await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        observe_stream(&self.guard, Rpc::Watch, request, |message, actor| {
+            self.handle_watch(message, actor)
         })
         .await
     }
@@ -146,6 +164,22 @@ impl CustomerMappingService {
             mappings: page.mappings.into_iter().map(Into::into).collect(),
             next_page_token: page.next.map(list_token).unwrap_or_default(),
         })
+    }
+
+    async fn handle_watch(
+        &self,
+        request: WatchRequest,
+        actor: Actor,
+    ) -> Result<WatchStream, Status> {
+        let deployment = self.feed.deployment().await?;
+        let start = watch_start(&request, &deployment)?;
+        let deliveries = self.feed.watch(start)?;
+        Ok(WatchStream::new(
+            deliveries,
+            self.feed.stopping(),
+            deployment,
+            actor,
+        ))
     }
 
     async fn handle_list_events(

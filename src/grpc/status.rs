@@ -73,6 +73,12 @@ impl From<Error> for Status {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::unavailable("database unavailable; retry with backoff")
             }
+            Error::TooManyWatchers => Status::resource_exhausted(
+                "this server serves its maximum number of Watch streams; try another replica or later",
+            ),
+            Error::ShuttingDown => Status::unavailable(
+                "the server is shutting down; resume from your last cursor on another replica",
+            ),
             Error::Internal(source) => {
                 tracing::error!(error = %source, "internal error");
                 Status::internal("internal error")

@@ -39,6 +39,15 @@ pub enum Error {
     #[error("database unavailable")]
     Unavailable(#[source] BoxError),
 
+    /// The server already serves as many Watch streams as it may.
+    #[error("too many watchers")]
+    TooManyWatchers,
+
+    /// The server is shutting down: the call may go to another replica
+    /// (a Watch resumes there from its last cursor).
+    #[error("the server is shutting down")]
+    ShuttingDown,
+
     /// Anything else. The source is for the log, never for the caller.
     #[error("internal error")]
     Internal(#[source] BoxError),

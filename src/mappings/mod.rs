@@ -1,7 +1,11 @@
 //! What each RPC does: Link, Get, Unlink, BatchGet, List and ListEvents
-//! over the store, by the call's deadline, with the domain's rules.
+//! over the store, by the call's deadline, with the domain's rules; and
+//! Watch's feed (`watch.rs`).
 
 mod reads;
+mod watch;
+
+pub use watch::{Changes, Delivery, Feed, MAX_EVENTS_PER_RESPONSE, Start};
 
 use std::time::Duration;
 
@@ -58,11 +62,13 @@ fn work_until() -> Instant {
 #[derive(Debug, Clone)]
 pub struct Mappings {
     store: Store,
+    /// Told of every change committed through this replica.
+    changes: Changes,
 }
 
 impl Mappings {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, changes: Changes) -> Self {
+        Self { store, changes }
     }
 
     /// The database, or UNAVAILABLE while the service is still waiting for
@@ -96,7 +102,11 @@ impl Mappings {
             actor,
         };
         let (db, until) = (self.db()?, work_until());
-        run_to_completion(async move { link(&db, write, until).await }).await
+        let linked = run_to_completion(async move { link(&db, write, until).await }).await?;
+        if linked.created {
+            self.changes.committed();
+        }
+        Ok(linked)
     }
 
     /// The mapping holding `key`.
@@ -113,12 +123,14 @@ impl Mappings {
     /// `Unlinked` event by `actor`.
     pub async fn unlink(&self, key: &Key, actor: Actor) -> Result<Mapping, Error> {
         let (db, key, until) = (self.db()?, key.clone(), work_until());
-        run_to_completion(async move {
+        let mapping = run_to_completion(async move {
             let now = Utc::now().trunc_subsecs(6);
             let removed = db.unlink(&key, now, &actor, until).await?;
             removed.ok_or(Error::NotFound(key))
         })
-        .await
+        .await?;
+        self.changes.committed();
+        Ok(mapping)
     }
 }
 

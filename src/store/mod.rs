@@ -8,6 +8,7 @@
 pub mod entity;
 mod errors;
 pub mod event_entity;
+mod feed;
 mod postgres;
 mod queries;
 mod rows;
@@ -21,6 +22,8 @@ use std::{
 use chrono::{DateTime, Utc};
 use sea_orm::{DbErr, EntityTrait, FromQueryResult, Select};
 use tokio::time::Instant;
+
+pub use feed::{FeedPage, FeedPosition};
 
 use crate::{
     config::DatabaseSettings,
@@ -91,7 +94,14 @@ impl std::error::Error for Failure {}
 
 /// An open database.
 #[derive(Debug, Clone)]
-pub struct Database(Arc<Backend>);
+pub struct Database(Arc<Opened>);
+
+#[derive(Debug)]
+struct Opened {
+    backend: Backend,
+    /// The deployment's id, once read.
+    deployment: OnceLock<String>,
+}
 
 #[derive(Debug)]
 enum Backend {
@@ -123,7 +133,10 @@ impl Database {
         };
         let backend = backend
             .map_err(|err| Failure::new(format!("opening {}", settings.redacted_url()), err))?;
-        Ok(Self(Arc::new(backend)))
+        Ok(Self(Arc::new(Opened {
+            backend,
+            deployment: OnceLock::new(),
+        })))
     }
 
     /// Proves within `timeout` that the database answers and, on
@@ -132,7 +145,7 @@ impl Database {
     /// silent, and each would cost a caller its deadline.
     pub async fn ping(&self, timeout: Duration) -> Result<(), Failure> {
         let until = Instant::now() + timeout;
-        let pinged = match &*self.0 {
+        let pinged = match &self.0.backend {
             Backend::Postgres(db) => db.ping(until).await,
             Backend::Sqlite(db) => tokio::time::timeout_at(until, db.conn.ping())
                 .await
@@ -151,7 +164,7 @@ impl Database {
     /// dry-run import reads a database without migrating it.
     pub async fn schema_is_ready(&self, timeout: Duration) -> Result<bool, DbErr> {
         let ready = async {
-            match &*self.0 {
+            match &self.0.backend {
                 Backend::Postgres(db) => db.schema_is_ready(timeout).await,
                 Backend::Sqlite(db) => migration::ready(&db.conn).await,
             }
@@ -166,7 +179,7 @@ impl Database {
     /// migrations, serves as well): until then every call would fail.
     pub async fn check_schema(&self, timeout: Duration) -> Result<(), Failure> {
         let until = Instant::now() + timeout;
-        let applied = match &*self.0 {
+        let applied = match &self.0.backend {
             Backend::Postgres(db) => db.applied_migrations(until).await,
             Backend::Sqlite(db) => tokio::time::timeout_at(until, db.applied_migrations())
                 .await
@@ -195,14 +208,14 @@ impl Database {
     /// Stops reusing the connections open now (PostgreSQL; SQLite runs
     /// in-process and cannot go silent).
     fn forget_connections(&self) {
-        if let Backend::Postgres(db) = &*self.0 {
+        if let Backend::Postgres(db) = &self.0.backend {
             db.forget_connections();
         }
     }
 
     /// Open and idle connections.
     pub fn stats(&self) -> PoolStats {
-        let (open, idle) = match &*self.0 {
+        let (open, idle) = match &self.0.backend {
             Backend::Postgres(db) => db.stats(),
             Backend::Sqlite(db) => db.stats(),
         };
@@ -213,7 +226,7 @@ impl Database {
     /// use close when their work ends (bounded by its own deadline).
     pub async fn close(&self, timeout: Duration) -> Result<(), DbErr> {
         let until = Instant::now() + timeout;
-        match &*self.0 {
+        match &self.0.backend {
             Backend::Postgres(db) => {
                 db.close(until).await;
                 Ok(())
@@ -227,7 +240,7 @@ impl Database {
     /// The mapping holding `key`. Concurrent Gets on PostgreSQL share
     /// statements (`postgres/lane.rs`).
     pub async fn get(&self, key: &Key, until: Instant) -> Result<Option<Mapping>, DbErr> {
-        let row = match &*self.0 {
+        let row = match &self.0.backend {
             Backend::Postgres(db) => db.get(key, until).await?,
             Backend::Sqlite(db) => db.get(key).await?,
         };
@@ -237,7 +250,7 @@ impl Database {
     /// One attempt at a Link. On PostgreSQL it shares its statement with
     /// the Links queued with it when the server is busy.
     pub async fn link(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
-        match &*self.0 {
+        match &self.0.backend {
             Backend::Postgres(db) => db.link(write, until).await,
             Backend::Sqlite(db) => match db.link(&[&write]).await {
                 Ok(attempts) => Ok(only(attempts)),
@@ -250,7 +263,7 @@ impl Database {
     /// that Links whose shared statement was aborted (a deadlock with
     /// another statement holding several rows) cannot meet in one again.
     pub async fn link_again(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
-        match &*self.0 {
+        match &self.0.backend {
             Backend::Postgres(db) => db.link_alone(write, until).await,
             Backend::Sqlite(_) => self.link(write, until).await,
         }
@@ -264,7 +277,7 @@ impl Database {
         writes: &[&LinkWrite],
         until: Instant,
     ) -> Result<Vec<LinkAttempt>, DbErr> {
-        match &*self.0 {
+        match &self.0.backend {
             Backend::Postgres(db) => db.link_batch(writes, until).await,
             Backend::Sqlite(db) => db
                 .link(writes)
@@ -294,7 +307,7 @@ impl Database {
         actor: &Actor,
         until: Instant,
     ) -> Result<Option<Mapping>, DbErr> {
-        match &*self.0 {
+        match &self.0.backend {
             Backend::Postgres(db) => db.unlink(key, time, actor, until).await,
             Backend::Sqlite(db) => db.unlink(key, time, actor).await,
         }
@@ -335,13 +348,93 @@ impl Database {
         rows.into_iter().map(rows::event).collect()
     }
 
+    /// The id of the deployment this database belongs to, created with it
+    /// (on first use, so that replicas of the previous release keep
+    /// serving alongside). Watch's cursors carry it: a cursor made by
+    /// another deployment's database is refused rather than misread.
+    pub async fn deployment(&self, until: Instant) -> Result<&str, DbErr> {
+        if let Some(id) = self.0.deployment.get() {
+            return Ok(id);
+        }
+        let proposed = uuid::Uuid::new_v4().simple().to_string();
+        let id = match &self.0.backend {
+            Backend::Postgres(db) => db.deployment(&proposed, until).await?,
+            Backend::Sqlite(db) => db.deployment(&proposed).await?,
+        };
+        Ok(self.0.deployment.get_or_init(|| id))
+    }
+
+    /// The position before every event: Watch from the beginning.
+    pub fn feed_beginning(&self) -> FeedPosition {
+        match &self.0.backend {
+            Backend::Postgres(_) => FeedPosition::Snapshot(postgres::feed::Position::beginning()),
+            Backend::Sqlite(_) => FeedPosition::Sequence(0),
+        }
+    }
+
+    /// The present, as a feed position: every event committed now is
+    /// before it, every later one after it.
+    pub async fn feed_present(&self, until: Instant) -> Result<FeedPosition, DbErr> {
+        match &self.0.backend {
+            Backend::Postgres(db) => db.feed_present(until).await.map(FeedPosition::Snapshot),
+            Backend::Sqlite(db) => db.last_sequence().await.map(FeedPosition::Sequence),
+        }
+    }
+
+    /// Up to `limit` events of the feed after `from`, in feed order,
+    /// reading on to `up_to` (to the present when `None`). An `up_to` that
+    /// `from` is not within is ignored: positions only move forward.
+    pub async fn feed(
+        &self,
+        from: &FeedPosition,
+        up_to: Option<&FeedPosition>,
+        limit: u64,
+        until: Instant,
+    ) -> Result<FeedPage, DbErr> {
+        let up_to = up_to.filter(|wanted| from.is_within(wanted));
+        let (rows, position, reached) = match (&self.0.backend, from) {
+            (Backend::Postgres(db), FeedPosition::Snapshot(from)) => {
+                let up_to = match up_to {
+                    Some(FeedPosition::Snapshot(wanted)) => Some(wanted),
+                    _ => None,
+                };
+                let (rows, position, reached) = db.feed(from, up_to, limit, until).await?;
+                (rows, FeedPosition::Snapshot(position), reached)
+            }
+            (Backend::Sqlite(db), FeedPosition::Sequence(after)) => {
+                let up_to = match up_to {
+                    Some(FeedPosition::Sequence(wanted)) => Some(*wanted),
+                    _ => None,
+                };
+                let rows = db.feed(*after, up_to, limit).await?;
+                let last = rows.last().map_or(*after, |row| row.sequence);
+                let reached = (rows.len() as u64) < limit || up_to == Some(last);
+                let position = match up_to {
+                    Some(wanted) if reached => wanted,
+                    _ => last,
+                };
+                (rows, FeedPosition::Sequence(position), reached)
+            }
+            _ => return Err(DbErr::Custom("a feed position of another database".into())),
+        };
+        let events = rows
+            .into_iter()
+            .map(rows::event)
+            .collect::<Result<_, _>>()?;
+        Ok(FeedPage {
+            events,
+            position,
+            reached,
+        })
+    }
+
     /// Every row that `select` finds, in one statement, by `until`.
     async fn all<E>(&self, select: Select<E>, until: Instant) -> Result<Vec<E::Model>, DbErr>
     where
         E: EntityTrait,
         E::Model: FromQueryResult + Send + Sync,
     {
-        match &*self.0 {
+        match &self.0.backend {
             Backend::Postgres(db) => db.all(select, until).await,
             Backend::Sqlite(db) => select.all(&db.conn).await,
         }

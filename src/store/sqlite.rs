@@ -24,7 +24,7 @@ use super::{
     MIGRATION_TIMEOUT,
     entity::{Entity as StripeCustomers, Model},
     errors::timed_out,
-    event_entity::Entity as MappingEvents,
+    event_entity::{self, Entity as MappingEvents, Model as EventRow},
     queries, rows,
 };
 use crate::config::DatabaseSettings;
@@ -126,6 +126,63 @@ impl Db {
         }
         txn.commit().await?;
         rows::attempts(writes, inserted, &holders)
+    }
+
+    /// Up to `limit` events after sequence `after` (up to `up_to` when
+    /// given), in sequence order: the feed's order on SQLite. A sequence is
+    /// only drawn under the database's write lock, which its transaction
+    /// holds until it commits, so sequences commit in order: a reader that
+    /// has seen `n` will never see a smaller one appear.
+    pub async fn feed(
+        &self,
+        after: i64,
+        up_to: Option<i64>,
+        limit: u64,
+    ) -> Result<Vec<EventRow>, DbErr> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        let mut select = MappingEvents::find()
+            .filter(event_entity::Column::Sequence.gt(after))
+            .order_by_asc(event_entity::Column::Sequence)
+            .limit(limit);
+        if let Some(up_to) = up_to {
+            select = select.filter(event_entity::Column::Sequence.lte(up_to));
+        }
+        select.all(&self.conn).await
+    }
+
+    /// The deployment's id: `proposed` if it has none yet.
+    pub async fn deployment(&self, proposed: &str) -> Result<String, DbErr> {
+        use sea_orm::{ConnectionTrait, Statement};
+        self.conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                "INSERT INTO customer_mapping_deployment (singleton, id) VALUES (TRUE, ?) \
+                 ON CONFLICT DO NOTHING",
+                [proposed.into()],
+            ))
+            .await?;
+        let row = self
+            .conn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT id FROM customer_mapping_deployment",
+            ))
+            .await?
+            .ok_or_else(|| DbErr::RecordNotFound("the deployment's id".into()))?;
+        row.try_get("", "id")
+    }
+
+    /// The newest event's sequence (0 when there is none).
+    pub async fn last_sequence(&self) -> Result<i64, DbErr> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        let last = MappingEvents::find()
+            .select_only()
+            .column(event_entity::Column::Sequence)
+            .order_by_desc(event_entity::Column::Sequence)
+            .into_tuple::<i64>()
+            .one(&self.conn)
+            .await?;
+        Ok(last.unwrap_or(0))
     }
 
     pub async fn unlink(

@@ -29,9 +29,18 @@ pub const SERVING: &str = "customer_mapping_serving";
 pub const CONNECTIONS_REFUSED: &str = "customer_mapping_connections_refused_total";
 /// Requests refused before reaching a handler (too large), by `reason`.
 pub const REQUESTS_REFUSED: &str = "customer_mapping_requests_refused_total";
+/// Watch streams open now.
+pub const WATCHERS: &str = "customer_mapping_watchers";
+/// Seconds from a change to its delivery by a Watch stream, per event
+/// (a histogram; a stream replaying old events records their age).
+pub const WATCH_DELIVERY_LAG: &str = "customer_mapping_watch_delivery_lag_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -44,6 +53,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     }
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(RPC_DURATION.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(WATCH_DELIVERY_LAG.into()), LAG_BUCKETS)?
         .build_recorder();
     let handle = recorder.handle();
     // Losing this race to another thread is fine: use the winner's handle.
@@ -80,6 +90,12 @@ fn describe() {
     metrics::describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed before serving anything, by reason."
+    );
+    metrics::describe_gauge!(WATCHERS, "Watch streams open now.");
+    metrics::describe_histogram!(
+        WATCH_DELIVERY_LAG,
+        metrics::Unit::Seconds,
+        "Time from a change to its delivery by a Watch stream, per event."
     );
     metrics::describe_counter!(
         REQUESTS_REFUSED,
@@ -118,6 +134,21 @@ pub fn record_pool(stats: PoolStats) {
     let in_use = stats.open.saturating_sub(stats.idle);
     metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
     metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(stats.idle));
+}
+
+pub fn record_watchers(change: f64) {
+    metrics::gauge!(WATCHERS).increment(change);
+}
+
+/// Records the delivery lag of events made at `times`.
+pub fn record_watch_delivery(times: impl Iterator<Item = chrono::DateTime<chrono::Utc>>) {
+    let now = chrono::Utc::now();
+    let lag = metrics::histogram!(WATCH_DELIVERY_LAG);
+    for time in times {
+        let seconds = (now - time).num_microseconds().unwrap_or(i64::MAX);
+        // A clock stepped back shows as no lag, not as a negative one.
+        lag.record(seconds.max(0) as f64 / 1e6);
+    }
 }
 
 pub fn record_serving(serving: bool) {

@@ -13,6 +13,7 @@ use customer_mapping::proto::{
 use helpers::{
     process::ServerProcess,
     tls::{Ca, Pem, Security, spawn_secure},
+    watch::{Received, read_until, watch, watch_now},
 };
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Status};
@@ -27,7 +28,7 @@ fn policy() -> String {
     format!(
         r#"{{"callers": [
             {{"name": "billing-webhooks", "certificate_names": ["{WEBHOOKS}"], "allow": ["Link", "Get"]}},
-            {{"name": "billing-reader", "certificate_names": ["{READER}"], "allow": ["Get"]}},
+            {{"name": "billing-reader", "certificate_names": ["{READER}"], "allow": ["Get", "Watch"]}},
             {{"name": "support-admin", "token_sha256": "{admin_hash}", "allow": ["Get", "Unlink"]}}
         ]}}"#
     )
@@ -104,6 +105,17 @@ async fn certificate_identities_may_call_what_the_policy_allows_and_nothing_else
     reader.get(get(1)).await.expect("the reader may Get");
     let denied = reader.link(link(2)).await.expect_err("not Link");
     assert_denied(&denied, "billing-reader", "Link");
+
+    // Watch is named like every other RPC: the reader may follow changes,
+    // the webhooks may not.
+    let (mut changes, _) = watch_now(&mut reader).await;
+    webhooks.link(link(3)).await.expect("webhooks may Link");
+    let mut received = Received::default();
+    read_until(&mut changes, &mut received, 1).await;
+    let denied = watch(&mut webhooks, "", false)
+        .await
+        .expect_err("not Watch");
+    assert_denied(&denied, "billing-webhooks", "Watch");
 
     // Signed by the CA but not in the policy: known, with no rights.
     let mut intruder = client(app.ca.client("intruder.svc")).await;

@@ -157,4 +157,19 @@ async fn grpcurl_with_the_proto_files_as_in_the_readme() {
     let (ok, out) = run(&app, &with_protos(r#"{"user_id":"user-42"}"#), &[GET]).await;
     assert!(!ok, "{out}");
     assert_contains(&out, &["Code: NotFound", r#""reason":"MAPPING_NOT_FOUND""#]);
+
+    // Watch streams until grpcurl's own deadline ends it.
+    let mut flags = with_protos(r#"{"from_beginning":true}"#);
+    flags.extend(["-max-time", "2"]);
+    let (ok, out) = run(&app, &flags, &["customermapping.v1.CustomerMapping/Watch"]).await;
+    assert!(!ok, "a stream ends only by the deadline: {out}");
+    assert_contains(
+        &out,
+        &[
+            r#""kind": "KIND_LINKED""#,
+            r#""kind": "KIND_UNLINKED""#,
+            r#""cursor": ""#,
+            "DeadlineExceeded",
+        ],
+    );
 }

@@ -172,13 +172,23 @@ async fn call_raw(channel: Channel, method: Rpc, body: Vec<u8>) -> Result<Vec<u8
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let path = format!("/customermapping.v1.CustomerMapping/{}", method.name());
-    grpc.unary(
-        Request::new(body),
-        path.parse().expect("a valid path"),
-        RawBytes,
-    )
-    .await
-    .map(tonic::Response::into_inner)
+    let path = path.parse().expect("a valid path");
+    if method != Rpc::Watch {
+        return grpc
+            .unary(Request::new(body), path, RawBytes)
+            .await
+            .map(tonic::Response::into_inner);
+    }
+    // A stream that starts goes on: its first response is the answer.
+    let mut stream = grpc
+        .server_streaming(Request::new(body), path, RawBytes)
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message()).await;
+    match first.expect("a Watch answers within 30 s") {
+        Ok(message) => Ok(message.expect("a response before the stream ends")),
+        Err(status) => Err(status),
+    }
 }
 
 /// A field-1 string whose bytes are `bytes`, UTF-8 or not.

@@ -13,6 +13,7 @@ mod get_unlink;
 mod link;
 mod list;
 mod validation;
+mod watch;
 
 // Adopting it: the migration's check of a database that isn't ours yet,
 // and bringing the old mappings in.

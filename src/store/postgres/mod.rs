@@ -4,6 +4,7 @@
 //! the instant by which it must be done, and each step is further bounded
 //! by the configuration (acquire and connect timeouts).
 
+pub(super) mod feed;
 mod gets;
 mod lane;
 mod link;
@@ -24,6 +25,7 @@ use super::{
     MIGRATION_TIMEOUT,
     entity::Model,
     errors::{attempts_after, standby, timed_out},
+    event_entity::Model as EventRow,
 };
 use crate::config::DatabaseSettings;
 use crate::mapping::{Actor, Key, LinkAttempt, LinkWrite, Mapping};
@@ -173,6 +175,38 @@ impl Db {
         link::unlink(&self.pool, key, time, actor, until).await
     }
 
+    pub async fn feed_present(&self, until: Instant) -> Result<feed::Position, DbErr> {
+        feed::present(&self.pool, until).await
+    }
+
+    pub async fn feed(
+        &self,
+        from: &feed::Position,
+        up_to: Option<&feed::Position>,
+        limit: u64,
+        until: Instant,
+    ) -> Result<(Vec<EventRow>, feed::Position, bool), DbErr> {
+        feed::read(&self.pool, from, up_to, limit, until).await
+    }
+
+    /// The deployment's id: `proposed` if it has none yet.
+    pub async fn deployment(&self, proposed: &str, until: Instant) -> Result<String, DbErr> {
+        let mut conn = self.pool.acquire(until).await?;
+        let id = conn
+            .bounded(until, "reading the deployment", async |conn| {
+                sqlx::query(DEPLOYMENT_SQL)
+                    .bind(proposed)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query_scalar("SELECT id FROM customer_mapping_deployment")
+                    .fetch_one(&mut *conn)
+                    .await
+            })
+            .await?;
+        conn.release();
+        Ok(id)
+    }
+
     /// Every row that `select` finds, in one statement, by `until`.
     pub async fn all<E>(&self, select: Select<E>, until: Instant) -> Result<Vec<E::Model>, DbErr>
     where
@@ -189,6 +223,10 @@ impl Db {
             .collect()
     }
 }
+
+/// Gives the deployment its id, unless another replica did first.
+pub(super) const DEPLOYMENT_SQL: &str = "INSERT INTO customer_mapping_deployment (singleton, id) VALUES (TRUE, $1) \
+     ON CONFLICT DO NOTHING";
 
 fn model(row: PgRow) -> Result<Model, DbErr> {
     Model::from_query_result(&QueryResult::from(row), "")

@@ -14,6 +14,7 @@ pub mod raw;
 pub mod silent_proxy;
 pub mod tls;
 pub mod tools;
+pub mod watch;
 
 use std::{net::SocketAddr, time::Duration};
 
