@@ -13,6 +13,13 @@
 //!     cargo bench --bench loadgen -- --database postgres --in-flight 32
 //!     cargo bench --bench loadgen -- --smoke          # a few seconds, CI
 //!     cargo bench --bench loadgen -- --import-rows 1000000
+//!     cargo bench --bench loadgen -- --watchers 0 1 100 1000
+//!
+//! `--watchers N...` runs every scenario once per count with that many
+//! Watch streams open (each reading everything), and reports the server's
+//! RSS per idle watcher and the delivery lag of every event every watcher
+//! received (from the event's `time`, taken by the server before its
+//! change committed, to its arrival).
 //!
 //! `--import-rows N` measures `customer-mapping import` instead: a generated
 //! CSV of N rows into an empty database (all created), the same file again
@@ -42,8 +49,8 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use customer_mapping::proto::{
-    GetRequest, LinkRequest, UnlinkRequest, customer_mapping_client::CustomerMappingClient,
-    get_request, unlink_request,
+    GetRequest, LinkRequest, UnlinkRequest, WatchRequest,
+    customer_mapping_client::CustomerMappingClient, get_request, unlink_request,
 };
 use hdrhistogram::Histogram;
 use helpers::{
@@ -173,6 +180,10 @@ struct Args {
     /// Mappings preloaded before the runs.
     #[arg(long, default_value_t = 10_000)]
     rows: u64,
+    /// Watch streams open during the scenarios (one pass of every scenario
+    /// per count).
+    #[arg(long, num_args = 1.., default_values_t = [0])]
+    watchers: Vec<usize>,
     /// Print one JSON object per run instead of the table.
     #[arg(long)]
     json: bool,
@@ -290,6 +301,7 @@ async fn main() -> anyhow::Result<()> {
         args.warmup = Duration::from_millis(100);
         args.rows = args.rows.min(1000);
         args.in_flight = vec![8];
+        args.watchers = vec![0, 2];
     }
     if !args.json {
         println!(
@@ -456,39 +468,10 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
         report(db, "GrpcFloor", in_flight, &floor, None, args.json);
     }
 
-    for &scenario in &args.scenario {
-        for &in_flight in &args.in_flight {
-            let service = measure(args, server.pid(), in_flight, {
-                let (channels, fresh) = (channels.clone(), fresh.clone());
-                let rows = args.rows;
-                move |task, rng| {
-                    let mut client =
-                        CustomerMappingClient::new(channels[task % channels.len()].clone());
-                    let fresh = fresh.clone();
-                    let op = Op::draw(scenario, rows, &fresh, rng);
-                    async move { op.via_grpc(&mut client).await }
-                }
-            })
-            .await;
-            let direct = measure(args, server.pid(), in_flight, {
-                let (pool, fresh) = (ceiling.clone(), fresh.clone());
-                let rows = args.rows;
-                move |_, rng| {
-                    let pool = pool.clone();
-                    let op = Op::draw(scenario, rows, &fresh, rng);
-                    async move { op.via_sql(&pool).await }
-                }
-            })
-            .await;
-            report(
-                db,
-                &format!("{scenario:?}"),
-                in_flight,
-                &service,
-                Some(&direct),
-                args.json,
-            );
-        }
+    for &watchers in &args.watchers {
+        let watching = Watchers::open(&channels, watchers, server.pid()).await?;
+        run_scenarios(args, db, &server, &channels, &ceiling, &fresh, watchers).await;
+        watching.close(db, args.json).await;
     }
 
     let rss = peak_rss_kib(server.pid());
@@ -519,6 +502,166 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     }
     drop(database);
     Ok(())
+}
+
+/// Every scenario at every concurrency, through the service and straight
+/// to the database; rows are labelled with the watchers open, if any.
+async fn run_scenarios(
+    args: &Args,
+    db: Db,
+    server: &ServerProcess,
+    channels: &[Channel],
+    ceiling: &Pool,
+    fresh: &Arc<AtomicU64>,
+    watchers: usize,
+) {
+    for &scenario in &args.scenario {
+        for &in_flight in &args.in_flight {
+            let service = measure(args, server.pid(), in_flight, {
+                let (channels, fresh) = (channels.to_vec(), fresh.clone());
+                let rows = args.rows;
+                move |task, rng| {
+                    let mut client =
+                        CustomerMappingClient::new(channels[task % channels.len()].clone());
+                    let op = Op::draw(scenario, rows, &fresh, rng);
+                    async move { op.via_grpc(&mut client).await }
+                }
+            })
+            .await;
+            let direct = measure(args, server.pid(), in_flight, {
+                let (pool, fresh) = (ceiling.clone(), fresh.clone());
+                let rows = args.rows;
+                move |_, rng| {
+                    let pool = pool.clone();
+                    let op = Op::draw(scenario, rows, &fresh, rng);
+                    async move { op.via_sql(&pool).await }
+                }
+            })
+            .await;
+            let label = match watchers {
+                0 => format!("{scenario:?}"),
+                n => format!("{scenario:?}/w{n}"),
+            };
+            report(db, &label, in_flight, &service, Some(&direct), args.json);
+        }
+    }
+}
+
+/// Watch streams open while scenarios run: each reads everything and
+/// records every event's delivery lag.
+struct Watchers {
+    count: usize,
+    rss_per_watcher_kib: f64,
+    readers: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Watchers {
+    /// Opens `count` streams spread over `channels`, each once its first
+    /// response (a bookmark) arrived, and measures the server's resident
+    /// memory they added while idle.
+    async fn open(channels: &[Channel], count: usize, pid: u32) -> anyhow::Result<Self> {
+        let before = current_rss_kib(pid).unwrap_or(0);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut readers = Vec::with_capacity(count);
+        for n in 0..count {
+            let mut client = CustomerMappingClient::new(channels[n % channels.len()].clone());
+            let mut stream = client
+                .watch(WatchRequest::default())
+                .await
+                .map_err(|s| anyhow::anyhow!("Watch {n}: {s:?}"))?
+                .into_inner();
+            stream
+                .message()
+                .await
+                .map_err(|s| anyhow::anyhow!("Watch {n}: {s:?}"))?;
+            let stop = stop.clone();
+            readers.push(tokio::spawn(async move {
+                let mut lag_us =
+                    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+                loop {
+                    let response = tokio::select! {
+                        () = stop.cancelled() => break,
+                        r = stream.message() => r,
+                    };
+                    let Ok(Some(response)) = response else { break };
+                    let now = std::time::SystemTime::now();
+                    for event in response.events {
+                        let Some(time) = event
+                            .time
+                            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                        else {
+                            continue;
+                        };
+                        let lag = now.duration_since(time).unwrap_or_default();
+                        let _ = lag_us.record(lag.as_micros().max(1) as u64);
+                    }
+                }
+                lag_us
+            }));
+        }
+        // Let the server settle before reading its memory.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = current_rss_kib(pid).unwrap_or(0);
+        let rss_per_watcher_kib = if count == 0 {
+            0.0
+        } else {
+            after.saturating_sub(before) as f64 / count as f64
+        };
+        Ok(Self {
+            count,
+            rss_per_watcher_kib,
+            readers,
+            stop,
+        })
+    }
+
+    async fn close(self, db: Db, json: bool) {
+        if self.count == 0 {
+            return;
+        }
+        self.stop.cancel();
+        let mut lag_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+        for reader in self.readers {
+            if let Ok(h) = reader.await {
+                let _ = lag_us.add(h);
+            }
+        }
+        let ms = |q: f64| lag_us.value_at_quantile(q) as f64 / 1000.0;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "database": format!("{db:?}"),
+                    "watchers": self.count,
+                    "rss_kib_per_idle_watcher": self.rss_per_watcher_kib,
+                    "events_delivered": lag_us.len(),
+                    "lag_p50_ms": ms(0.5),
+                    "lag_p99_ms": ms(0.99),
+                    "lag_max_ms": lag_us.max() as f64 / 1000.0,
+                })
+            );
+        } else {
+            println!(
+                "{db:?}: {} watchers: {:.1} KiB RSS per idle watcher; {} deliveries, lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                self.count,
+                self.rss_per_watcher_kib,
+                lag_us.len(),
+                ms(0.5),
+                ms(0.99),
+                lag_us.max() as f64 / 1000.0
+            );
+        }
+    }
+}
+
+/// VmRSS: the resident memory of process `pid` now, in KiB.
+fn current_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// One request, drawn for a scenario.
