@@ -82,7 +82,7 @@ class MappingCache {
     this.cursor = '';
     this.events = 0; // events applied
     this.resumes = 0; // Watch calls with after = the last cursor
-    this.relists = 0; // full relists after the first
+    this.relists = 0; // full relists after the first (attempts)
   }
 
   // --- look-ups, from memory ---
@@ -169,8 +169,8 @@ class MappingCache {
     for (;;) {
       try {
         if (stream === null) {
+          if (relist) this.relists += 1; // counted before its look-ups can see it
           stream = await this.open(relist);
-          if (relist) this.relists += 1;
           relist = false;
         }
         for (let next = await stream.next(); !next.done; next = await stream.next()) {

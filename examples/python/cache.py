@@ -76,7 +76,7 @@ class MappingCache:
         self.cursor = ""
         self.events = 0  # events applied
         self.resumes = 0  # Watch calls with after = the last cursor
-        self.relists = 0  # full relists after the first
+        self.relists = 0  # full relists after the first (attempts)
 
     # --- look-ups, from memory ---
     def customer_of(self, user_id):
@@ -153,9 +153,9 @@ class MappingCache:
         while True:
             try:
                 if call is None:
-                    call = self._open(relist)
                     if relist:
-                        self.relists += 1
+                        self.relists += 1  # counted before its look-ups can see it
+                    call = self._open(relist)
                     relist = False
                 for response in call:
                     failures = 0
