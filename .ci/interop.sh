@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Polyglot interop: runs examples/python and examples/node against the built
 # server (a fresh SQLite database each) and checks every line they print, then
-# calls the server with grpcurl through reflection.
+# calls the server with grpcurl through reflection. The List + Watch caches run
+# against two servers on one fresh PostgreSQL database (127.0.0.1:5432, user
+# postgres, trust auth; dropped at the end).
 #
 # Usage: bash .ci/interop.sh [BINARY]   (default target/debug/customer-mapping)
 #
@@ -22,12 +24,16 @@ passed=0
 failed=0
 servers=()
 workdirs=()
+pg_databases=()
 cleanup() {
   for pid in "${servers[@]}"; do
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   for dir in "${workdirs[@]}"; do rm -rf "$dir"; done
+  for db in "${pg_databases[@]}"; do
+    dropdb --if-exists -h 127.0.0.1 -p 5432 -U postgres "$db" || true
+  done
 }
 trap cleanup EXIT
 
@@ -51,16 +57,18 @@ step "Node packages (npm ci in examples/node)"
 node --version
 
 # --- Servers ----------------------------------------------------------------
-# start_server NAME: a fresh server with its own SQLite database; sets $addr
-# and $log once health says SERVING.
+# start_server NAME [DATABASE_URL]: a fresh server with its own SQLite
+# database, or on DATABASE_URL when given (replicas share one database); sets
+# $addr and $log once health says SERVING.
 start_server() {
-  local dir port pid
+  local dir port pid url
   dir=$(mktemp -d)
   workdirs+=("$dir")
   port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   addr=127.0.0.1:$port
   log=$dir/server.log
-  DATABASE_URL="sqlite://$dir/db.sqlite?mode=rwc" LISTEN_ADDR=$addr LOG_FORMAT=text RUST_LOG=info \
+  url=${2:-"sqlite://$dir/db.sqlite?mode=rwc"}
+  DATABASE_URL=$url LISTEN_ADDR=$addr LOG_FORMAT=text RUST_LOG=info \
     "$binary" >"$log" 2>&1 &
   pid=$!
   servers+=("$pid")
@@ -177,6 +185,70 @@ run_reconcile python-reconcile "$python" examples/python/reconcile.py
 
 step "Node: examples/node/reconcile.js"
 run_reconcile node-reconcile node examples/node/reconcile.js
+
+# --- A cache over List + Watch: two replicas on one PostgreSQL ------------------
+# Two servers share one fresh PostgreSQL database (127.0.0.1:5432, user
+# postgres, trust auth). The Python and the Node cache run at the same time,
+# each starting on one server, churning Links and Unlinks through both and
+# moving its stream to the other midway, while `customer-mapping import`
+# writes 20,000 rows: each must end equal to a fresh List.
+check_cache() { # check_cache NAME OUTPUT STATUS
+  local name=$1 out=$2 status=$3
+  if [ "$status" -eq 0 ]; then pass; else mismatch "$name: exit status $status" "$out"; fi
+  if grep -qEx 'CACHE listed=([0-9]+) cached=\1 events=[0-9]+ resumes=[1-9][0-9]*' <<<"$out"; then pass; else
+    mismatch "$name: expected 'CACHE listed=<n> cached=<n> events=<n> resumes=<n>' with n >= 1" "$out"
+  fi
+  if grep -qFx 'DONE cache OK' <<<"$out"; then pass; else mismatch "$name: expected the line 'DONE cache OK'" "$out"; fi
+}
+
+step "Caches over List + Watch: two servers on one PostgreSQL database, an import meanwhile"
+failed_before=$failed
+pg_db=cm_interop_cache_$$_$RANDOM
+createdb -h 127.0.0.1 -p 5432 -U postgres "$pg_db"
+pg_databases+=("$pg_db")
+pg_url=postgres://postgres@127.0.0.1:5432/$pg_db
+# One after the other: the first runs the migrations, the second finds them done.
+start_server cache-a "$pg_url"
+addr_a=$addr log_a=$log
+start_server cache-b "$pg_url"
+addr_b=$addr log_b=$log
+cache_dir=$(mktemp -d)
+workdirs+=("$cache_dir")
+"$python" -c '
+import uuid
+run = uuid.uuid4().hex[:8]
+print("user_id,stripe_customer_id")
+for i in range(20000):
+    print(f"import-{run}-{i},cus_import{run}x{i:06d}")
+' >"$cache_dir/import.csv"
+"$binary" import --database-url "$pg_url" --csv "$cache_dir/import.csv" --batch-rows 1000 \
+  >"$cache_dir/import.log" 2>&1 &
+import_pid=$!
+servers+=("$import_pid")
+(cd examples/python && timeout 120 "$python" cache.py "$addr_a" "$addr_b") >"$cache_dir/python.out" 2>&1 &
+python_pid=$!
+(cd examples/node && timeout 120 node cache.js "$addr_b" "$addr_a") >"$cache_dir/node.out" 2>&1 &
+node_pid=$!
+for name in python node; do
+  pid_var=${name}_pid
+  status=0
+  wait "${!pid_var}" || status=$?
+  out=$(cat "$cache_dir/$name.out")
+  printf '%s\n' "$out"
+  check_cache "$name-cache" "$out" "$status"
+done
+status=0
+wait "$import_pid" || status=$?
+out=$(cat "$cache_dir/import.log")
+grep 'import finished' <<<"$out" || true
+if [ "$status" -eq 0 ]; then pass; else mismatch "import: exit status $status" "$out"; fi
+if grep -qF 'import finished: 20000 rows read, 20000 created, 0 already present, 0 refused' <<<"$out"; then pass; else
+  mismatch "import: expected 20000 rows created" "$out"
+fi
+if [ "$failed" -gt "$failed_before" ]; then
+  echo "--- cache-a server log:"; cat "$log_a"
+  echo "--- cache-b server log:"; cat "$log_b"
+fi
 
 # --- grpcurl through reflection (no .proto files given) ------------------------
 step "grpcurl through server reflection"
