@@ -231,14 +231,16 @@ impl Position {
 /// is on every row (the events' columns are NULL on the one row of an
 /// empty read).
 macro_rules! feed_sql {
-    ($order:literal) => {
+    ($after:literal, $order:literal) => {
         concat!(
             "WITH snap AS (SELECT COALESCE($3::text::pg_snapshot, pg_current_snapshot()) AS s)
 SELECT snap.s::text AS snapshot, e.sequence, e.kind, e.user_id, e.stripe_customer_id,
        e.mapping_created_at, e.time, e.caller, e.request_id
 FROM snap LEFT JOIN LATERAL (
     SELECT * FROM mapping_events
-    WHERE sequence > $5
+    WHERE ",
+            $after,
+            " > $5
       AND (transaction_id >= $1::text::xid8 OR transaction_id = ANY($2::text[]::xid8[])
            OR ($6 AND transaction_id IS NULL))
       AND (transaction_id IS NULL OR pg_visible_in_snapshot(transaction_id, snap.s))
@@ -253,13 +255,14 @@ ORDER BY e.sequence"
 
 /// The first read of a step: its events are found by transaction id
 /// (`idx_mapping_events_transaction_id`), few when the reader is near the
-/// present; `+ 0` keeps the planner from walking the whole trail in
-/// sequence order to find them.
-const STEP_BY_TRANSACTION: &str = feed_sql!("sequence + 0");
+/// present. `+ 0` keeps the planner from walking the trail in sequence
+/// order to find them: a plan cached while the table was small otherwise
+/// scans every event from the first at each poll.
+const STEP_BY_TRANSACTION: &str = feed_sql!("sequence + 0", "sequence + 0");
 
 /// The reads from the beginning, and the next pages of a large step: in
 /// sequence order from the last one handed out.
-const STEP_BY_SEQUENCE: &str = feed_sql!("sequence");
+const STEP_BY_SEQUENCE: &str = feed_sql!("sequence", "sequence");
 
 /// The present, as a position: every event committed now is before it.
 pub(super) async fn present(pool: &Pool, until: Instant) -> Result<Position, DbErr> {
