@@ -469,7 +469,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     }
 
     for &watchers in &args.watchers {
-        let watching = Watchers::open(&channels, watchers, server.pid()).await?;
+        let watching = Watchers::open(addr, watchers, server.pid()).await?;
         run_scenarios(args, db, &server, &channels, &ceiling, &fresh, watchers).await;
         watching.close(db, args.json).await;
     }
@@ -560,7 +560,17 @@ impl Watchers {
     /// Opens `count` streams spread over `channels`, each once its first
     /// response (a bookmark) arrived, and measures the server's resident
     /// memory they added while idle.
-    async fn open(channels: &[Channel], count: usize, pid: u32) -> anyhow::Result<Self> {
+    async fn open(addr: std::net::SocketAddr, count: usize, pid: u32) -> anyhow::Result<Self> {
+        // Connections of their own, each within the server's default
+        // MAX_CONCURRENT_STREAMS (128): a stream beyond it would wait for
+        // a slot that never frees.
+        let channels = (0..count.div_ceil(100).max(1))
+            .map(|_| {
+                Channel::from_shared(format!("http://{addr}"))
+                    .map(|c| c.connect_lazy())
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let before = current_rss_kib(pid).unwrap_or(0);
         let stop = tokio_util::sync::CancellationToken::new();
         let mut readers = Vec::with_capacity(count);
