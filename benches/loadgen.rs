@@ -440,13 +440,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     let ceiling = ceiling_pool(db, &url, args.pool_size).await?;
     preload(&ceiling, args.rows).await?;
 
-    let channels = (0..args.connections)
-        .map(|_| {
-            Channel::from_shared(format!("http://{addr}"))
-                .map(|c| c.connect_lazy())
-                .map_err(anyhow::Error::from)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let channels = connections(addr, args.connections)?;
     let fresh = Arc::new(AtomicU64::new(0));
 
     // The gRPC floor: health Check through the same server, client and
@@ -564,13 +558,7 @@ impl Watchers {
         // Connections of their own, each within the server's default
         // MAX_CONCURRENT_STREAMS (128): a stream beyond it would wait for
         // a slot that never frees.
-        let channels = (0..count.div_ceil(100).max(1))
-            .map(|_| {
-                Channel::from_shared(format!("http://{addr}"))
-                    .map(|c| c.connect_lazy())
-                    .map_err(anyhow::Error::from)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let channels = connections(addr, count.div_ceil(100).max(1))?;
         let before = current_rss_kib(pid).unwrap_or(0);
         let stop = tokio_util::sync::CancellationToken::new();
         let mut readers = Vec::with_capacity(count);
@@ -663,6 +651,17 @@ impl Watchers {
             );
         }
     }
+}
+
+/// `count` HTTP/2 connections to the server at `addr`, opened on first use.
+fn connections(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<Vec<Channel>> {
+    (0..count)
+        .map(|_| {
+            Channel::from_shared(format!("http://{addr}"))
+                .map(|c| c.connect_lazy())
+                .map_err(anyhow::Error::from)
+        })
+        .collect()
 }
 
 /// VmRSS: the resident memory of process `pid` now, in KiB.
