@@ -227,42 +227,61 @@ impl Position {
     }
 }
 
-/// The columns of an event, and the snapshot the read used, whose text
-/// is on every row (the events' columns are NULL on the one row of an
-/// empty read).
-macro_rules! feed_sql {
-    ($after:literal, $order:literal) => {
-        concat!(
-            "WITH snap AS (SELECT COALESCE($3::text::pg_snapshot, pg_current_snapshot()) AS s)
+/// One read of the feed: up to `limit` events, in sequence order, of the
+/// step from `from` (the beginning when `None`) to `target` (the
+/// statement's own snapshot when `None`), after sequence `after`. Every
+/// row carries the text of the snapshot read to (the events' columns are
+/// NULL on the one row of an empty read).
+///
+/// A step's events are a sliver of the trail, found by transaction id
+/// (`idx_mapping_events_transaction_id`). The planner cannot know that
+/// before the table's first `ANALYZE` (a new deployment, or just after an
+/// import): its default estimates then choose to scan every event at each
+/// poll. So the read goes as one simple-protocol message, `SET LOCAL` and
+/// the query in one implicit transaction (the setting ends with it), and
+/// is planned with its actual values. Those values are numbers this
+/// module formats, never a caller's text. `sequence + 0` keeps the first
+/// read of a step from walking the trail in sequence order instead.
+fn read_sql(
+    from: Option<&Snapshot>,
+    target: Option<&Snapshot>,
+    after: Option<i64>,
+    limit: i64,
+) -> String {
+    let snap = match target {
+        Some(target) => format!("'{}'::pg_snapshot", target.text()),
+        None => "pg_current_snapshot()".to_owned(),
+    };
+    let step = match from {
+        Some(from) => {
+            let xip: Vec<String> = from.xip.iter().map(u64::to_string).collect();
+            format!(
+                "(transaction_id >= '{}'::xid8 OR transaction_id = ANY('{{{}}}'::xid8[]))",
+                from.xmax,
+                xip.join(",")
+            )
+        }
+        None => "TRUE".to_owned(),
+    };
+    let sequence = match (from, after) {
+        (Some(_), None) => "sequence + 0",
+        _ => "sequence",
+    };
+    let after = after.unwrap_or(0);
+    format!(
+        "SET LOCAL enable_seqscan = off;
+WITH snap AS (SELECT {snap} AS s)
 SELECT snap.s::text AS snapshot, e.sequence, e.kind, e.user_id, e.stripe_customer_id,
        e.mapping_created_at, e.time, e.caller, e.request_id
 FROM snap LEFT JOIN LATERAL (
     SELECT * FROM mapping_events
-    WHERE ",
-            $after,
-            " > $5
-      AND (transaction_id >= $1::text::xid8 OR transaction_id = ANY($2::text[]::xid8[])
-           OR ($6 AND transaction_id IS NULL))
+    WHERE {sequence} > {after} AND {step}
       AND (transaction_id IS NULL OR pg_visible_in_snapshot(transaction_id, snap.s))
-    ORDER BY ",
-            $order,
-            " LIMIT $4
+    ORDER BY {sequence} LIMIT {limit}
 ) e ON TRUE
 ORDER BY e.sequence"
-        )
-    };
+    )
 }
-
-/// The first read of a step: its events are found by transaction id
-/// (`idx_mapping_events_transaction_id`), few when the reader is near the
-/// present. `+ 0` keeps the planner from walking the trail in sequence
-/// order to find them: a plan cached while the table was small otherwise
-/// scans every event from the first at each poll.
-const STEP_BY_TRANSACTION: &str = feed_sql!("sequence + 0", "sequence + 0");
-
-/// The reads from the beginning, and the next pages of a large step: in
-/// sequence order from the last one handed out.
-const STEP_BY_SEQUENCE: &str = feed_sql!("sequence", "sequence");
 
 /// The present, as a position: every event committed now is before it.
 pub(super) async fn present(pool: &Pool, until: Instant) -> Result<Position, DbErr> {
@@ -298,26 +317,16 @@ pub(super) async fn read(
         (Some(within), _) => (Some(&within.target), Some(within.last)),
         (None, target) => (target, None),
     };
-    let sql = match (&from.seen, after) {
-        (Some(_), None) => STEP_BY_TRANSACTION,
-        _ => STEP_BY_SEQUENCE,
-    };
-    let (xmax, xip) = match &from.seen {
-        Some(seen) => (seen.xmax, seen.xip.clone()),
-        None => (0, Vec::new()),
-    };
-    let xip: Vec<String> = xip.iter().map(u64::to_string).collect();
-    let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
+    let sql = read_sql(
+        from.seen.as_ref(),
+        target,
+        after,
+        i64::try_from(limit).unwrap_or(i64::MAX),
+    );
     let mut conn = pool.acquire(until).await?;
     let rows = conn
         .bounded(until, "reading the feed", async |conn| {
-            sqlx::query(sql)
-                .bind(xmax.to_string())
-                .bind(&xip)
-                .bind(target.map(Snapshot::text))
-                .bind(limit_param)
-                .bind(after.unwrap_or(0))
-                .bind(from.seen.is_none())
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .fetch_all(conn)
                 .await
         })
