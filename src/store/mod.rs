@@ -113,9 +113,10 @@ impl Database {
     /// Opens the database `settings` name: connects (refusing a standby on
     /// PostgreSQL) and applies the pending migrations when asked. `serve`,
     /// `migrate` and `import` all open it here. Every step is bounded: this
-    /// fails rather than hangs on a database that does not answer. Replicas
-    /// starting together may race on migrations; the loser gets an error
-    /// and tries again.
+    /// fails rather than hangs on a database that does not answer.
+    /// Processes migrating one PostgreSQL database together take turns
+    /// (`postgres/migration_lock.rs`): one applies, the others then find
+    /// nothing pending. SQLite has one writer at a time anyway.
     pub async fn open(
         settings: &DatabaseSettings,
         migrations: Migrations,

@@ -9,6 +9,7 @@ mod gets;
 mod lane;
 mod link;
 mod links;
+mod migration_lock;
 mod pool;
 
 use std::time::Duration;
@@ -59,6 +60,14 @@ impl Db {
             .await?
             .release();
         if migrate {
+            // One migrator at a time per database (migration_lock.rs): the
+            // others wait, then find nothing pending.
+            let lock = migration_lock::MigrationLock::acquire(
+                pool.connect_options(),
+                options.database_connect_timeout,
+                MIGRATION_TIMEOUT,
+            )
+            .await?;
             let migrations = migration_connection(&pool, options.database_connect_timeout);
             let migrated =
                 tokio::time::timeout(MIGRATION_TIMEOUT, migration::up(&migrations)).await;
@@ -66,6 +75,7 @@ impl Db {
             // nothing left to wait for; bounded all the same.
             let _ =
                 tokio::time::timeout(options.database_connect_timeout, migrations.close()).await;
+            lock.release(options.database_connect_timeout).await;
             migrated.map_err(|_| timed_out("applying migrations"))??;
         }
         Ok(Self {
