@@ -15,6 +15,7 @@ use helpers::{
     Backend, Client, TestApp, TestDatabase, assert_invalid,
     bulk::events_all,
     import::{import_csv, numbered_csv},
+    process::ServerProcess,
     report, spawn_app_with, spawn_on, test_settings,
     watch::{
         Received, assert_exactly_once, assert_per_key_order, next, read_until, read_while, watch,
@@ -24,6 +25,7 @@ use helpers::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 on_both_databases!(
     starting_now_gives_a_bookmark_then_every_later_change_in_order,
@@ -249,6 +251,81 @@ async fn bad_cursors_are_invalid_argument_on_after(app: TestApp) {
         .await
         .expect("the cursor itself is fine");
     other.stop().await;
+}
+
+/// Links `count` new pairs through `addr`, eight at a time.
+async fn link_many(client: &Client, prefix: &str, count: usize) {
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let client = client.clone();
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                for i in (w..count).step_by(8) {
+                    let mut client = client.clone();
+                    helpers::link(
+                        &mut client,
+                        &format!("{prefix}-{i}"),
+                        &format!("cus_{prefix}{i}"),
+                    )
+                    .await
+                    .expect("Link");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("the writer ran");
+    }
+}
+
+/// What a watcher has not read waits in the database, not in the server:
+/// each one that reads nothing holds at most two responses and its HTTP/2
+/// window, however many changes pass it (the README's figure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_that_read_nothing_hold_little_memory_and_lose_nothing() {
+    const STALLED: usize = 16;
+    const CHANGES: usize = 10_000;
+    const LIMIT_PER_WATCHER_KIB: u64 = 512;
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let server = ServerProcess::start(&[("DATABASE_URL", database.url.as_str())]);
+    helpers::wait_for_health(server.addr, "", ServingStatus::Serving).await;
+    let client = helpers::connect(server.addr).await;
+    // The same load once with no one stalled: what the server holds for
+    // the changes themselves (its pool, the batches kept for watchers).
+    let (mut reading, _) = watch_now(&mut client.clone()).await;
+    link_many(&client, "warm", CHANGES).await;
+    read_until(&mut reading, &mut Received::default(), CHANGES).await;
+    let warm = server.peak_memory_kib();
+
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        // A connection each: a reader that stops reading also stops its
+        // connection's window.
+        let mut own = helpers::connect(server.addr).await;
+        let (stream, _) = watch_now(&mut own).await;
+        stalled.push((own, stream));
+    }
+    let (mut reading, _) = watch_now(&mut client.clone()).await;
+    let mut fast = Received::default();
+    link_many(&client, "load", CHANGES).await;
+    read_until(&mut reading, &mut fast, CHANGES).await;
+    let peak = server.peak_memory_kib();
+    let per_watcher = peak.saturating_sub(warm) / STALLED as u64;
+    report(&format!(
+        "watch memory: {STALLED} watchers reading nothing while {CHANGES} changes passed: \
+         peak {warm} -> {peak} KiB, {per_watcher} KiB each"
+    ));
+    assert!(
+        per_watcher <= LIMIT_PER_WATCHER_KIB,
+        "{per_watcher} KiB per stalled watcher (peak {warm} -> {peak} KiB)"
+    );
+
+    // And they lose nothing: each now reads every change, once.
+    for (_, stream) in &mut stalled {
+        let mut slow = Received::default();
+        read_until(stream, &mut slow, CHANGES).await;
+        assert_exactly_once(&slow.events, &fast.events);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

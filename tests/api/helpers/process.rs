@@ -89,6 +89,17 @@ impl ServerProcess {
         self.child.id()
     }
 
+    /// The most memory the process has held at once (`VmHWM`), in KiB.
+    pub fn peak_memory_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the process's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status")
+    }
+
     /// Sends SIGTERM, as Kubernetes does.
     pub fn sigterm(&self) {
         let status = Command::new("kill")
