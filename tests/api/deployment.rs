@@ -1,11 +1,14 @@
-//! deploy/kubernetes against the built binary: the migration Job's command,
-//! then the Deployment's container, each started with the manifest's
+//! deploy/kubernetes against the built binary: the Deployment's init
+//! container, then its server container, each started with the manifest's
 //! arguments, literal environment and volumes (files under a temporary
 //! directory standing in for the mounted Secrets and ConfigMap, certificates
-//! made here), must do what the kubelet expects: the Job exits 0, the
-//! readiness and startup probes are answered SERVING in plaintext, the
+//! made here), must do what the kubelet expects: the init container exits 0,
+//! the readiness and startup probes are answered SERVING in plaintext, the
 //! liveness probe connects, and SIGTERM ends the server with status 0 within
-//! the grace period, which holds the drain timeout and what follows it. (Schema and static consistency: .ci/check-manifests.sh.)
+//! the grace period, which holds the drain timeout and what follows it. The
+//! init containers of several pods starting together against one fresh
+//! PostgreSQL database all exit 0, one of them migrating. (Schema and static
+//! consistency of the overlays: .ci/check-manifests.sh.)
 
 use crate::helpers::{
     self,
@@ -27,13 +30,16 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
+/// The base every overlay applies: the pod template is the same in all of
+/// them (the overlays change replicas, the image, the Secret's and the
+/// Issuer's names).
+const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/base");
 
 /// Every object in the manifests (kustomization.yaml aside), as JSON.
 fn objects() -> Vec<Value> {
     let mut objects = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(MANIFESTS)
-        .expect("deploy/kubernetes")
+        .expect("deploy/kubernetes/base")
         .map(|e| e.expect("a directory entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .filter(|p| !p.ends_with("kustomization.yaml"))
@@ -77,9 +83,19 @@ struct Pki {
     server: Pem,
 }
 
-/// One pod template's only container, as the kubelet would run it here:
-/// its arguments, its literal environment with every mounted path moved
-/// under `root`, and the files of its volumes written there.
+/// The only container of a pod template's `containers` or
+/// `initContainers`.
+fn only_container<'a>(template: &'a Value, list: &str) -> &'a Value {
+    let containers = template["spec"][list]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list} in the pod template"));
+    assert_eq!(containers.len(), 1, "one of {list} per pod");
+    &containers[0]
+}
+
+/// One container of a pod template, as the kubelet would run it here: its
+/// arguments, its literal environment with every mounted path moved under
+/// `root`, and the files of its volumes written there.
 struct Pod {
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -87,12 +103,15 @@ struct Pod {
 }
 
 impl Pod {
-    fn lay_out(template: &Value, objects: &[Value], root: &Path, pki: &Pki, url: &str) -> Self {
-        let containers = template["spec"]["containers"]
-            .as_array()
-            .expect("containers");
-        assert_eq!(containers.len(), 1, "one container per pod");
-        let container = containers[0].clone();
+    fn lay_out(
+        template: &Value,
+        container: &Value,
+        objects: &[Value],
+        root: &Path,
+        pki: &Pki,
+        url: &str,
+    ) -> Self {
+        let container = container.clone();
         let volumes: HashMap<String, &Value> = template["spec"]["volumes"]
             .as_array()
             .map(|v| v.iter().map(|v| (text(&v["name"]), v)).collect())
@@ -240,7 +259,7 @@ async fn grpc_probe(addr: SocketAddr, service: &str) -> ServingStatus {
 async fn the_deployment_runs_as_its_manifests_say() {
     let objects = objects();
     let deployment = one(&objects, "Deployment");
-    let job = one(&objects, "Job");
+    let template = &deployment["spec"]["template"];
     let ca = Ca::new("deployment test CA");
     let pki = Pki {
         server: ca.server(),
@@ -252,30 +271,33 @@ async fn the_deployment_runs_as_its_manifests_say() {
         volumes.path().join("customer-mapping.db").display()
     );
 
-    // The Job first, as the manifests order it: the replicas don't migrate.
-    let job_pod = Pod::lay_out(
-        &job["spec"]["template"],
+    // The init container first, as the kubelet orders them: the server
+    // doesn't migrate.
+    let init = Pod::lay_out(
+        template,
+        only_container(template, "initContainers"),
         &objects,
-        &volumes.path().join("job"),
+        &volumes.path().join("init"),
         &pki,
         &url,
     );
     let migrated = Command::new(helpers::process::BINARY)
-        .args(&job_pod.args)
+        .args(&init.args)
         .env_clear()
-        .envs(local_env(&job_pod))
+        .envs(local_env(&init))
         .output()
         .expect("the binary runs");
     assert!(
         migrated.status.success(),
-        "the Job's {:?} failed: {}{}",
-        job_pod.args,
+        "the init container's {:?} failed: {}{}",
+        init.args,
         String::from_utf8_lossy(&migrated.stdout),
         String::from_utf8_lossy(&migrated.stderr)
     );
 
     let pod = Pod::lay_out(
-        &deployment["spec"]["template"],
+        template,
+        only_container(template, "containers"),
         &objects,
         &volumes.path().join("pod"),
         &pki,
@@ -356,7 +378,122 @@ async fn the_deployment_runs_as_its_manifests_say() {
     let (status, took, server) = server.exited(grace).await;
     assert_eq!(status.code(), Some(0), "output: {:?}", server.lines());
     println!(
-        "deploy/kubernetes: Job exit 0; probes {:?} SERVING, liveness connects; SIGTERM -> 0 in {took:?} (grace {grace:?}, drain {drain:?})",
+        "deploy/kubernetes: init container exit 0; probes {:?} SERVING, liveness connects; SIGTERM -> 0 in {took:?} (grace {grace:?}, drain {drain:?})",
         ["startupProbe", "readinessProbe"]
+    );
+}
+
+/// Pods of one rollout start together, and each one's init container runs
+/// `customer-mapping migrate` against the same database. With a fresh
+/// PostgreSQL database (the first install), every one of them must exit 0
+/// (an init container that fails holds its pod back), exactly one must
+/// apply the migrations (the others wait for its advisory lock and find
+/// nothing pending), and the schema must be complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_starting_together_migrate_once() {
+    const PODS: usize = 4;
+    let limit = Duration::from_secs(90);
+    let objects = objects();
+    let template = &one(&objects, "Deployment")["spec"]["template"];
+    let database = helpers::TestDatabase::create(helpers::Backend::Postgres).await;
+    let ca = Ca::new("deployment test CA");
+    let pki = Pki {
+        server: ca.server(),
+        ca,
+    };
+    let volumes = tempfile::tempdir().expect("a temporary directory");
+
+    let mut pods = Vec::new();
+    for n in 0..PODS {
+        let root = volumes.path().join(format!("pod-{n}"));
+        let init = Pod::lay_out(
+            template,
+            only_container(template, "initContainers"),
+            &objects,
+            &root,
+            &pki,
+            &database.url,
+        );
+        let log = root.join("init.log");
+        let file = std::fs::File::create(&log).expect("a log file");
+        let child = Command::new(helpers::process::BINARY)
+            .args(&init.args)
+            .env_clear()
+            .envs(local_env(&init))
+            .stdout(file.try_clone().expect("a second handle"))
+            .stderr(file)
+            .spawn()
+            .expect("the binary runs");
+        pods.push((child, log));
+    }
+
+    // All were started before any is waited for; each gets `limit` at most.
+    let started = std::time::Instant::now();
+    let mut outputs = Vec::new();
+    for (mut child, log) in pods {
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!(
+                    "an init container did not exit within {limit:?}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let output = std::fs::read_to_string(&log).expect("the init container's log");
+        assert!(
+            status.success(),
+            "an init container exited {status}: {output}"
+        );
+        outputs.push(output);
+    }
+    let applied = outputs
+        .iter()
+        .filter(|o| o.contains("Applying all pending migrations"))
+        .count();
+    let waited = outputs
+        .iter()
+        .filter(|o| o.contains("another process is applying migrations"))
+        .count();
+    assert_eq!(
+        applied, 1,
+        "exactly one init container applies the migrations: {outputs:#?}"
+    );
+
+    let mut options = sea_orm::ConnectOptions::new(database.url.clone());
+    options.max_connections(1).sqlx_logging(false);
+    let db = sea_orm::Database::connect(options)
+        .await
+        .expect("the test database");
+    let versions: Vec<String> = sea_orm::ConnectionTrait::query_all_raw(
+        &db,
+        sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ),
+    )
+    .await
+    .expect("seaql_migrations")
+    .iter()
+    .map(|row| row.try_get::<String>("", "version").expect("a version"))
+    .collect();
+    let mut expected = migration::names();
+    expected.sort();
+    assert_eq!(versions, expected, "every migration applied once");
+    let invalid = helpers::pg::count(
+        &db,
+        "SELECT count(*) AS n FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+         WHERE NOT i.indisvalid AND c.relnamespace = 'public'::regnamespace",
+    )
+    .await;
+    assert_eq!(invalid, 0, "no index left half-built");
+    db.close().await.expect("the connection closes");
+    println!(
+        "{PODS} init containers at once: all exit 0 in {:?}, 1 applied, {waited} waited for its lock",
+        started.elapsed()
     );
 }
