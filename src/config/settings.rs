@@ -137,8 +137,9 @@ pub struct DatabaseSettings {
     #[arg(long, env = "SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = bounds::SQLITE_BUSY_TIMEOUT, global = true)]
     pub sqlite_busy_timeout: Duration,
 
-    /// Apply pending migrations when `serve` starts. Turn off when a
-    /// migration Job runs `customer-mapping migrate` instead.
+    /// Apply pending migrations when `serve` starts. Turn off when
+    /// `customer-mapping migrate` runs before it (deploy/kubernetes: an init
+    /// container).
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub migrate_on_start: bool,
 }
