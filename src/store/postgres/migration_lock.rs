@@ -30,7 +30,7 @@ use super::pool::sqlx_err;
 use crate::store::errors::timed_out;
 
 /// The lock's key: "cm-migr" in ASCII, the same in every release.
-const KEY: i64 = 0x636d_2d6d_6967_72;
+const KEY: i64 = 0x0063_6d2d_6d69_6772;
 
 /// How often a waiter tries the lock again.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
