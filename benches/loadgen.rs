@@ -19,7 +19,10 @@
 //! Watch streams open (each reading everything), and reports the server's
 //! RSS per idle watcher and the delivery lag of every event every watcher
 //! received (from the event's `time`, taken by the server before its
-//! change committed, to its arrival).
+//! change committed, to its arrival). With `--watch-another-replica` the
+//! watchers connect to a second server on the same database (the lag of
+//! changes made through another replica); with `--watchers-stalled` they
+//! read nothing after their first response.
 //!
 //! `--import-rows N` measures `customer-mapping import` instead: a generated
 //! CSV of N rows into an empty database (all created), the same file again
@@ -184,6 +187,14 @@ struct Args {
     /// per count).
     #[arg(long, num_args = 1.., default_values_t = [0])]
     watchers: Vec<usize>,
+    /// Connect the watchers to a second replica on the same database, so
+    /// that their lag is that of changes made through another replica.
+    #[arg(long)]
+    watch_another_replica: bool,
+    /// Watchers take their first response, then read nothing: the
+    /// server's cost of streams whose readers stopped.
+    #[arg(long)]
+    watchers_stalled: bool,
     /// Print one JSON object per run instead of the table.
     #[arg(long)]
     json: bool,
@@ -462,8 +473,19 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
         report(db, "GrpcFloor", in_flight, &floor, None, args.json);
     }
 
+    let replica = args
+        .watch_another_replica
+        .then(|| ServerProcess::start_binary(binary, &env, Output::Discard));
+    let (watch_addr, watch_pid) = match &replica {
+        Some(replica) => {
+            helpers::wait_for_health(replica.addr, "", ServingStatus::Serving).await;
+            (replica.addr, replica.pid())
+        }
+        None => (addr, server.pid()),
+    };
     for &watchers in &args.watchers {
-        let watching = Watchers::open(addr, watchers, server.pid()).await?;
+        let watching =
+            Watchers::open(watch_addr, watchers, watch_pid, args.watchers_stalled).await?;
         run_scenarios(args, db, &server, &channels, &ceiling, &fresh, watchers).await;
         watching.close(db, args.json).await;
     }
@@ -494,6 +516,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
     } else {
         println!("{summary}");
     }
+    drop(replica);
     drop(database);
     Ok(())
 }
@@ -554,7 +577,12 @@ impl Watchers {
     /// Opens `count` streams spread over `channels`, each once its first
     /// response (a bookmark) arrived, and measures the server's resident
     /// memory they added while idle.
-    async fn open(addr: std::net::SocketAddr, count: usize, pid: u32) -> anyhow::Result<Self> {
+    async fn open(
+        addr: std::net::SocketAddr,
+        count: usize,
+        pid: u32,
+        stalled: bool,
+    ) -> anyhow::Result<Self> {
         // Connections of their own, each within the server's default
         // MAX_CONCURRENT_STREAMS (128): a stream beyond it would wait for
         // a slot that never frees.
@@ -577,6 +605,11 @@ impl Watchers {
             readers.push(tokio::spawn(async move {
                 let mut lag_us =
                     Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+                if stalled {
+                    stop.cancelled().await;
+                    drop(stream);
+                    return lag_us;
+                }
                 loop {
                     let response = tokio::select! {
                         () = stop.cancelled() => break,
@@ -759,6 +792,7 @@ impl Op {
                 let _ = client
                     .unlink(UnlinkRequest {
                         key: Some(unlink_request::Key::UserId(u.clone())),
+                        ..Default::default()
                     })
                     .await;
                 code(
