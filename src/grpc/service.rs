@@ -9,7 +9,7 @@ use super::{
     },
     guard::Guard,
     observe::{observe, observe_stream},
-    request::{get_key, link_arguments, unlink_key},
+    request::{get_key, link_arguments, unlink_arguments},
     watch::{WatchStream, watch_start},
 };
 use crate::auth::Rpc;
@@ -134,7 +134,10 @@ impl CustomerMappingService {
         request: UnlinkRequest,
         actor: Actor,
     ) -> Result<UnlinkResponse, Status> {
-        let mapping = self.mappings.unlink(&unlink_key(request)?, actor).await?;
+        let mapping = self
+            .mappings
+            .unlink(&unlink_arguments(request)?, actor)
+            .await?;
         Ok(UnlinkResponse {
             mapping: Some(mapping.into()),
         })

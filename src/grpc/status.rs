@@ -16,6 +16,7 @@ pub const ERROR_DOMAIN: &str = "customermapping.v1";
 pub const REASON_USER_ALREADY_LINKED: &str = "USER_ALREADY_LINKED";
 pub const REASON_CUSTOMER_ALREADY_LINKED: &str = "CUSTOMER_ALREADY_LINKED";
 pub const REASON_MAPPING_NOT_FOUND: &str = "MAPPING_NOT_FOUND";
+pub const REASON_MAPPING_CHANGED: &str = "MAPPING_CHANGED";
 pub const REASON_CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
 
 /// ErrorInfo metadata keys (lowerCamelCase, as AIP-193 asks).
@@ -43,15 +44,23 @@ impl From<Error> for Status {
                     ErrorDetails::with_bad_request(violations),
                 )
             }
-            Error::UserAlreadyLinked(existing) => already_linked(
+            Error::UserAlreadyLinked(existing) => naming(
+                Code::AlreadyExists,
                 REASON_USER_ALREADY_LINKED,
                 "user is already linked to another Stripe customer",
                 &existing,
             ),
-            Error::CustomerAlreadyLinked(existing) => already_linked(
+            Error::CustomerAlreadyLinked(existing) => naming(
+                Code::AlreadyExists,
                 REASON_CUSTOMER_ALREADY_LINKED,
                 "Stripe customer is already linked to another user",
                 &existing,
+            ),
+            Error::MappingChanged(current) => naming(
+                Code::FailedPrecondition,
+                REASON_MAPPING_CHANGED,
+                "the key is linked to another counterpart than expected; nothing was removed",
+                &current,
             ),
             Error::NotFound(key) => {
                 let metadata = match key {
@@ -131,7 +140,8 @@ pub fn request_too_large(limit: usize) -> Status {
     ))
 }
 
-fn already_linked(reason: &str, message: &str, existing: &Mapping) -> Status {
+/// An error naming a mapping in its ErrorInfo: the one in the way.
+fn naming(code: Code, reason: &str, message: &str, existing: &Mapping) -> Status {
     let metadata = HashMap::from([
         (
             METADATA_USER_ID.to_owned(),
@@ -143,7 +153,7 @@ fn already_linked(reason: &str, message: &str, existing: &Mapping) -> Status {
         ),
     ]);
     Status::with_error_details(
-        Code::AlreadyExists,
+        code,
         message,
         ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
     )

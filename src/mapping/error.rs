@@ -25,6 +25,11 @@ pub enum Error {
     #[error("Stripe customer is already linked to another user")]
     CustomerAlreadyLinked(Mapping),
 
+    /// Unlink expected another mapping: this one holds the key now, and
+    /// nothing was removed.
+    #[error("the mapping changed since the caller saw it")]
+    MappingChanged(Mapping),
+
     /// No mapping holds this key.
     #[error("mapping not found")]
     NotFound(Key),

@@ -8,6 +8,7 @@ mod bulk;
 mod error;
 mod ids;
 mod link;
+mod unlink;
 
 use chrono::{DateTime, Utc};
 
@@ -20,6 +21,7 @@ pub use link::{
     Holder, KeyFingerprints, KeySet, LinkAttempt, LinkKeys, LinkOutcome, LinkToken, LinkWrite,
     PassThrough,
 };
+pub use unlink::{Unlink, Unlinked};
 
 /// One user linked to one Stripe customer.
 #[derive(Debug, Clone, PartialEq, Eq)]

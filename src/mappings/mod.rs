@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::{
     mapping::{
         Actor, Error, Key, LinkOutcome, LinkToken, LinkWrite, Linked, Mapping, StripeCustomerId,
-        UserId,
+        Unlink, UserId,
     },
     store::{Database, Store},
 };
@@ -119,14 +119,14 @@ impl Mappings {
         .await
     }
 
-    /// Removes the mapping holding `key` and returns it, recording an
+    /// Removes the mapping `unlink` names and returns it, recording an
     /// `Unlinked` event by `actor`.
-    pub async fn unlink(&self, key: &Key, actor: Actor) -> Result<Mapping, Error> {
-        let (db, key, until) = (self.db()?, key.clone(), work_until());
+    pub async fn unlink(&self, unlink: &Unlink, actor: Actor) -> Result<Mapping, Error> {
+        let (db, unlink, until) = (self.db()?, unlink.clone(), work_until());
         let mapping = run_to_completion(async move {
             let now = Utc::now().trunc_subsecs(6);
-            let removed = db.unlink(&key, now, &actor, until).await?;
-            removed.ok_or(Error::NotFound(key))
+            let found = db.unlink(&unlink, now, &actor, until).await?;
+            found.answer(&unlink)
         })
         .await?;
         self.changes.committed();

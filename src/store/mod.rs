@@ -27,7 +27,7 @@ pub use feed::{FeedPage, FeedPosition};
 
 use crate::{
     config::DatabaseSettings,
-    mapping::{Actor, Event, Key, LinkAttempt, LinkWrite, ListCursor, Mapping},
+    mapping::{Actor, Event, Key, LinkAttempt, LinkWrite, ListCursor, Mapping, Unlink, Unlinked},
     telemetry::metrics::PoolStats,
 };
 
@@ -299,18 +299,18 @@ impl Database {
         rows::attempts(writes, Vec::new(), &holders)
     }
 
-    /// Removes the mapping holding `key` and records its event, atomically;
-    /// the mapping removed, if any.
+    /// Removes the mapping `unlink` names and records its event,
+    /// atomically; what it found.
     pub async fn unlink(
         &self,
-        key: &Key,
+        unlink: &Unlink,
         time: DateTime<Utc>,
         actor: &Actor,
         until: Instant,
-    ) -> Result<Option<Mapping>, DbErr> {
+    ) -> Result<Unlinked, DbErr> {
         match &self.0.backend {
-            Backend::Postgres(db) => db.unlink(key, time, actor, until).await,
-            Backend::Sqlite(db) => db.unlink(key, time, actor).await,
+            Backend::Postgres(db) => db.unlink(unlink, time, actor, until).await,
+            Backend::Sqlite(db) => db.unlink(unlink, time, actor).await,
         }
     }
 

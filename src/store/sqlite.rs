@@ -14,8 +14,8 @@ use std::{collections::HashSet, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryTrait, SqliteTransactionMode, TransactionOptions,
+    ColumnTrait, Condition, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, EntityTrait, QueryFilter, QueryTrait, SqliteTransactionMode, TransactionOptions,
     TransactionTrait, sea_query::OnConflict,
 };
 use tokio::sync::{Mutex, MutexGuard};
@@ -28,7 +28,7 @@ use super::{
     queries, rows,
 };
 use crate::config::DatabaseSettings;
-use crate::mapping::{Actor, EventKind, Key, LinkAttempt, LinkWrite, Mapping};
+use crate::mapping::{Actor, EventKind, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
 
 /// Rows per multi-row statement (SQLite takes at most 32,766 parameters;
 /// an event row has seven). Larger statements are no faster and SQLite
@@ -185,27 +185,47 @@ impl Db {
         Ok(last.unwrap_or(0))
     }
 
+    /// One write transaction: nothing can change the mapping between the
+    /// delete and the read of what holds the key instead.
     pub async fn unlink(
         &self,
-        key: &Key,
+        unlink: &Unlink,
         time: DateTime<Utc>,
         actor: &Actor,
-    ) -> Result<Option<Mapping>, DbErr> {
+    ) -> Result<Unlinked, DbErr> {
         let (_turn, txn) = self.begin_write().await?;
+        let key = unlink.key();
+        let mut only = Condition::all().add(queries::column(key).eq(queries::value(key)));
+        if let Some(counterpart) = unlink.expected_counterpart() {
+            only = only.add(queries::column(counterpart).eq(queries::value(counterpart)));
+        }
         let mut deleted = StripeCustomers::delete_many()
-            .filter(queries::column(key).eq(queries::value(key)))
+            .filter(only)
             .exec_with_returning(&txn)
             .await?;
-        // The column is unique, so there is at most one row.
-        let removed = deleted.pop();
-        if let Some(row) = &removed {
-            let event = rows::new_event(EventKind::Unlinked, row, time, actor);
-            MappingEvents::insert(event)
-                .exec_without_returning(&txn)
-                .await?;
-        }
+        // The key's column is unique, so there is at most one row.
+        let found = match deleted.pop() {
+            Some(row) => {
+                let event = rows::new_event(EventKind::Unlinked, &row, time, actor);
+                MappingEvents::insert(event)
+                    .exec_without_returning(&txn)
+                    .await?;
+                Unlinked::Removed(rows::mapping(&row)?)
+            }
+            None if unlink.expected_counterpart().is_some() => {
+                let holder = StripeCustomers::find()
+                    .filter(queries::column(key).eq(queries::value(key)))
+                    .one(&txn)
+                    .await?;
+                match holder {
+                    Some(row) => Unlinked::Kept(rows::mapping(&row)?),
+                    None => Unlinked::Absent,
+                }
+            }
+            None => Unlinked::Absent,
+        };
         txn.commit().await?;
-        removed.as_ref().map(rows::mapping).transpose()
+        Ok(found)
     }
 }
 

@@ -50,6 +50,7 @@ fn get(n: u32) -> GetRequest {
 fn unlink(n: u32) -> UnlinkRequest {
     UnlinkRequest {
         key: Some(unlink_request::Key::UserId(format!("user-{n}"))),
+        ..Default::default()
     }
 }
 

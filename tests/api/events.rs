@@ -105,6 +105,7 @@ async fn events_name_the_request_id_and_anonymous_without_a_policy(app: TestApp)
     client.link(link).await.expect("Link");
     let mut unlink = Request::new(UnlinkRequest {
         key: Some(unlink_request::Key::UserId("user-1".into())),
+        ..Default::default()
     });
     unlink
         .metadata_mut()
@@ -371,6 +372,7 @@ async fn under_a_policy(backend: Backend) {
         .unlink(bearer(
             UnlinkRequest {
                 key: Some(unlink_request::Key::StripeCustomerId("cus_A1".into())),
+                ..Default::default()
             },
             ADMIN_TOKEN,
         ))

@@ -129,6 +129,41 @@ fn checker_may_need_each_of_several_identical_unknown_operations() {
     assert!(linearize(&h, Model::new(1), None).is_some());
 }
 
+#[test]
+fn checker_rejects_an_unlink_of_the_pair_seen_that_removed_a_newer_one() {
+    // User 0 moved from customer 0 to customer 1; then a webhook about
+    // customer 0 unlinks the user, expecting customer 0.
+    let moved = vec![
+        event(Op::Link(0, 0), Outcome::Created, 0, 1),
+        event(Op::UnlinkByUser(0), Outcome::Mapping(0, 0), 2, 3),
+        event(Op::Link(0, 1), Outcome::Created, 4, 5),
+    ];
+    let answered = |outcome| {
+        let mut h = moved.clone();
+        h.push(event(Op::UnlinkUserIf(0, 0), outcome, 6, 7));
+        linearize(&history(h), Model::new(2), None)
+    };
+    assert!(
+        answered(Outcome::Mapping(0, 1)).is_none(),
+        "removed the new link"
+    );
+    assert!(
+        answered(Outcome::Mapping(0, 0)).is_none(),
+        "removed a pair long gone"
+    );
+    let end = answered(Outcome::Changed(0, 1)).expect("refused, naming the new link");
+    assert_eq!(end.pairs(), HashSet::from([(0, 1)]));
+    // By customer: customer 1 is user 0's, not user 1's.
+    let mut h = moved;
+    h.push(event(
+        Op::UnlinkCustomerIf(1, 1),
+        Outcome::Changed(0, 1),
+        6,
+        7,
+    ));
+    assert!(linearize(&history(h), Model::new(2), None).is_some());
+}
+
 /// Every write the model knows over `n` users and customers.
 fn every_write(n: u8) -> Vec<Op> {
     let mut ops = Vec::new();
@@ -138,6 +173,7 @@ fn every_write(n: u8) -> Vec<Op> {
         }
         ops.push(Op::UnlinkByUser(u));
         ops.push(Op::UnlinkByCustomer(u));
+        ops.push(Op::UnlinkUserIf(u, (u + 1) % n));
     }
     ops
 }

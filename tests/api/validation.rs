@@ -101,7 +101,10 @@ async fn get_and_unlink_refuse_a_request_without_key(app: TestApp) {
         .expect_err("Get needs a key");
     assert_invalid(&status, &["key"]);
     let status = client
-        .unlink(UnlinkRequest { key: None })
+        .unlink(UnlinkRequest {
+            key: None,
+            ..Default::default()
+        })
         .await
         .expect_err("Unlink needs a key");
     assert_invalid(&status, &["key"]);

@@ -64,7 +64,7 @@ use super::{
     pool::{Checkout, Pool},
 };
 use crate::{
-    mapping::{Actor, Key, LinkAttempt, LinkWrite, Mapping},
+    mapping::{Actor, Key, LinkAttempt, LinkWrite, Unlink, Unlinked},
     store::{
         queries,
         rows::{self, KIND_LINKED, KIND_UNLINKED},
@@ -105,17 +105,41 @@ SELECT FALSE, s.id, s.user_id, s.stripe_customer_id, s.created_at, s.link_token
 FROM pending p,
      LATERAL (SELECT * FROM stripe_customers WHERE stripe_customer_id = p.stripe_customer_id) s";
 
-/// Unlink of the mapping holding `$1` in `$column`, with its event.
+/// Unlink of the mapping holding `$1` in `$column` (and, with
+/// `$only_pair`, `$6` on the other side), with its event. Each row says
+/// whether it was removed.
 macro_rules! unlink_sql {
-    ($column:literal) => {
+    ($column:literal, $only_pair:expr) => {
         concat!(
             "WITH removed AS (DELETE FROM stripe_customers WHERE ",
             $column,
-            " = $1 RETURNING *), \
+            " = $1",
+            $only_pair,
+            " RETURNING *), \
              recorded AS (INSERT INTO mapping_events \
                (kind, user_id, stripe_customer_id, mapping_created_at, time, caller, request_id) \
                SELECT $2, user_id, stripe_customer_id, created_at, $3, $4, $5 FROM removed) \
-             SELECT * FROM removed"
+             SELECT TRUE AS removed, * FROM removed"
+        )
+    };
+}
+
+/// An Unlink of exactly the pair `$1`, `$6`: removed, or else the mapping
+/// holding `$1` now.
+///
+/// "Now" is read with a lock (`FOR KEY SHARE`), not from the statement's
+/// snapshot: a mapping removed by a concurrent Unlink that committed while
+/// this one waited is gone (the lock skips it), so the answer is NOT_FOUND,
+/// never MAPPING_CHANGED naming the very pair the caller expected. The
+/// read runs only when nothing was removed (a one-time filter), never
+/// locking the row this statement deleted.
+macro_rules! unlink_pair_sql {
+    ($column:literal, $counterpart:literal) => {
+        concat!(
+            unlink_sql!($column, concat!(" AND ", $counterpart, " = $6")),
+            " UNION ALL SELECT FALSE, * FROM (SELECT * FROM stripe_customers WHERE ",
+            $column,
+            " = $1 AND NOT EXISTS (SELECT FROM removed) FOR KEY SHARE) kept"
         )
     };
 }
@@ -165,32 +189,49 @@ pub(super) async fn link(
     rows::attempts(writes, inserted, &holders)
 }
 
-/// Removes the mapping holding `key` and records its event, in one
-/// statement; the mapping removed, if any.
+/// Removes the mapping `unlink` names and records its event, in one
+/// statement; what it found.
 pub(super) async fn unlink(
     pool: &Pool,
-    key: &Key,
+    unlink: &Unlink,
     time: DateTime<Utc>,
     actor: &Actor,
     until: Instant,
-) -> Result<Option<Mapping>, DbErr> {
-    let sql = match key {
-        Key::User(_) => unlink_sql!("user_id"),
-        Key::Customer(_) => unlink_sql!("stripe_customer_id"),
+) -> Result<Unlinked, DbErr> {
+    let key = unlink.key();
+    let counterpart = unlink.expected_counterpart();
+    let sql = match (key, counterpart) {
+        (Key::User(_), None) => unlink_sql!("user_id", ""),
+        (Key::Customer(_), None) => unlink_sql!("stripe_customer_id", ""),
+        (Key::User(_), Some(_)) => unlink_pair_sql!("user_id", "stripe_customer_id"),
+        (Key::Customer(_), Some(_)) => unlink_pair_sql!("stripe_customer_id", "user_id"),
     };
     let mut conn = pool.acquire(until).await?;
-    let removed = conn
+    let found = conn
         .bounded(until, "a database query", async |conn| {
-            sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(queries::value(key))
                 .bind(KIND_UNLINKED)
                 .bind(time)
                 .bind(&actor.caller)
-                .bind(&actor.request_id)
-                .fetch_optional(conn)
-                .await
+                .bind(&actor.request_id);
+            match counterpart {
+                Some(counterpart) => query.bind(queries::value(counterpart)),
+                None => query,
+            }
+            .fetch_optional(conn)
+            .await
         })
         .await?;
     conn.release();
-    removed.map(|row| rows::mapping(&model(row)?)).transpose()
+    let Some(row) = found else {
+        return Ok(Unlinked::Absent);
+    };
+    let removed: bool = row.try_get("removed").map_err(super::pool::sqlx_err)?;
+    let mapping = rows::mapping(&model(row)?)?;
+    Ok(if removed {
+        Unlinked::Removed(mapping)
+    } else {
+        Unlinked::Kept(mapping)
+    })
 }

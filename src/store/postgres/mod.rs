@@ -29,7 +29,7 @@ use super::{
     event_entity::Model as EventRow,
 };
 use crate::config::DatabaseSettings;
-use crate::mapping::{Actor, Key, LinkAttempt, LinkWrite, Mapping};
+use crate::mapping::{Actor, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
 use gets::Gets;
 use links::Links;
 use pool::Pool;
@@ -177,12 +177,12 @@ impl Db {
 
     pub async fn unlink(
         &self,
-        key: &Key,
+        unlink: &Unlink,
         time: DateTime<Utc>,
         actor: &Actor,
         until: Instant,
-    ) -> Result<Option<Mapping>, DbErr> {
-        link::unlink(&self.pool, key, time, actor, until).await
+    ) -> Result<Unlinked, DbErr> {
+        link::unlink(&self.pool, unlink, time, actor, until).await
     }
 
     pub async fn feed_present(&self, until: Instant) -> Result<feed::Position, DbErr> {

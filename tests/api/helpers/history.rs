@@ -44,6 +44,10 @@ pub enum Op {
     GetByCustomer(Key),
     UnlinkByUser(Key),
     UnlinkByCustomer(Key),
+    /// Unlink of the user, expecting it linked to this customer.
+    UnlinkUserIf(Key, Key),
+    /// Unlink of the customer, expecting it linked to this user.
+    UnlinkCustomerIf(Key, Key),
     /// BatchGet of `user-0` .. `user-{users - 1}` then `cus_0` ..
     /// `cus_{customers - 1}`, at most [`MAX_BATCH`] of each.
     BatchGet {
@@ -68,6 +72,8 @@ pub enum Outcome {
     CustomerTaken(Key),
     /// Get or Unlink returned this (user, customer).
     Mapping(Key, Key),
+    /// MAPPING_CHANGED: the key is linked otherwise, to this (user, customer).
+    Changed(Key, Key),
     /// BatchGet: each user's customer, then each customer's user ([`NONE`]
     /// where unlinked, and past what was asked).
     Batch([Key; MAX_BATCH], [Key; MAX_BATCH]),
@@ -154,6 +160,22 @@ impl Model {
                     self.user_to_customer[u as usize] = None;
                     Outcome::Mapping(u, c)
                 }
+                None => Outcome::NotFound,
+            },
+            Op::UnlinkUserIf(u, c) => match self.user_to_customer[u as usize] {
+                Some(held) if held == c => {
+                    self.user_to_customer[u as usize] = None;
+                    Outcome::Mapping(u, c)
+                }
+                Some(held) => Outcome::Changed(u, held),
+                None => Outcome::NotFound,
+            },
+            Op::UnlinkCustomerIf(c, u) => match self.user_of(c) {
+                Some(held) if held == u => {
+                    self.user_to_customer[u as usize] = None;
+                    Outcome::Mapping(u, c)
+                }
+                Some(held) => Outcome::Changed(held, c),
                 None => Outcome::NotFound,
             },
             Op::BatchGet { users, customers } => {
@@ -426,7 +448,7 @@ pub async fn run_load(
                 }
                 let u = rng.random_range(0..load.users) as Key;
                 let c = rng.random_range(0..load.customers) as Key;
-                let op = match rng.random_range(0..11) {
+                let op = match rng.random_range(0..13) {
                     _ if only_reads && rng.random_bool(0.5) => Op::GetByUser(u),
                     _ if only_reads => Op::GetByCustomer(c),
                     0..=3 => Op::Link(u, c),
@@ -434,6 +456,8 @@ pub async fn run_load(
                     5 => Op::GetByCustomer(c),
                     6..=7 => Op::UnlinkByUser(u),
                     8..=9 => Op::UnlinkByCustomer(c),
+                    10 => Op::UnlinkUserIf(u, c),
+                    11 => Op::UnlinkCustomerIf(c, u),
                     // Every key of the load at one instant: a read that saw
                     // half of a change shows as a state no order explains.
                     _ => Op::BatchGet {
@@ -541,6 +565,7 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             .unlink(with_deadline(
                 UnlinkRequest {
                     key: Some(unlink_request::Key::UserId(user(u))),
+                    ..Default::default()
                 },
                 deadline,
             ))
@@ -550,6 +575,27 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             .unlink(with_deadline(
                 UnlinkRequest {
                     key: Some(unlink_request::Key::StripeCustomerId(customer(c))),
+                    ..Default::default()
+                },
+                deadline,
+            ))
+            .await
+            .map(|r| mapping(r.into_inner().mapping)),
+        Op::UnlinkUserIf(u, c) => client
+            .unlink(with_deadline(
+                UnlinkRequest {
+                    key: Some(unlink_request::Key::UserId(user(u))),
+                    expected_counterpart: customer(c),
+                },
+                deadline,
+            ))
+            .await
+            .map(|r| mapping(r.into_inner().mapping)),
+        Op::UnlinkCustomerIf(c, u) => client
+            .unlink(with_deadline(
+                UnlinkRequest {
+                    key: Some(unlink_request::Key::StripeCustomerId(customer(c))),
+                    expected_counterpart: user(u),
                 },
                 deadline,
             ))
@@ -609,6 +655,14 @@ fn error_outcome(status: &Status) -> Outcome {
             }
         }
         Code::NotFound => Outcome::NotFound,
+        Code::FailedPrecondition => {
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "MAPPING_CHANGED", "{status:?}");
+            Outcome::Changed(
+                parse_user(&info.metadata["userId"]),
+                parse_customer(&info.metadata["stripeCustomerId"]),
+            )
+        }
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Cancelled

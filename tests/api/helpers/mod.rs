@@ -346,9 +346,28 @@ pub async fn get(client: &mut Client, key: get_request::Key) -> Result<Mapping, 
     Ok(reply.mapping.expect("Get returns a mapping"))
 }
 
+/// Unlink of `key` only while it is linked to `expected_counterpart`.
+pub async fn unlink_expecting(
+    client: &mut Client,
+    key: unlink_request::Key,
+    expected_counterpart: &str,
+) -> Result<Mapping, Status> {
+    let reply = client
+        .unlink(UnlinkRequest {
+            key: Some(key),
+            expected_counterpart: expected_counterpart.into(),
+        })
+        .await?
+        .into_inner();
+    Ok(reply.mapping.expect("Unlink returns a mapping"))
+}
+
 pub async fn unlink(client: &mut Client, key: unlink_request::Key) -> Result<Mapping, Status> {
     let reply = client
-        .unlink(UnlinkRequest { key: Some(key) })
+        .unlink(UnlinkRequest {
+            key: Some(key),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     Ok(reply.mapping.expect("Unlink returns a mapping"))
