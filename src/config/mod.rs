@@ -44,7 +44,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC (the default).
     Serve,
-    /// Apply pending database migrations and exit (for a Kubernetes Job).
+    /// Apply pending database migrations and exit (for an init container).
     Migrate,
     /// Bring existing mappings in, with Link's rules: from a CSV file or
     /// from the replaced application's own PostgreSQL table. Exits 0 when
