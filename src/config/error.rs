@@ -90,5 +90,12 @@ fn one_line(err: &clap::Error, command: &clap::Command) -> String {
             line.push_str(&format!(" (environment variable {env})"));
         }
     }
+    // clap's "a similar argument exists" tip is in a later paragraph.
+    let similar = err
+        .get(ContextKind::SuggestedArg)
+        .or_else(|| err.get(ContextKind::SuggestedSubcommand));
+    if let Some(similar) = similar {
+        line.push_str(&format!("; did you mean '{similar}'?"));
+    }
     line
 }

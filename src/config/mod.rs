@@ -348,6 +348,36 @@ mod tests {
     }
 
     #[test]
+    fn listening_addresses_take_host_names() {
+        let cli = load(&["--listen-addr", "localhost:50083"]).expect("a host name");
+        assert!(cli.settings.listen_addr.ip().is_loopback());
+        assert_eq!(cli.settings.listen_addr.port(), 50083);
+        for (addr, why) in [
+            ("localhost", "expected HOST:PORT"),
+            ("localhost:http", "is not a number"),
+            ("no-such-host.invalid:1", "cannot resolve"),
+        ] {
+            let err = load(&["--metrics-addr", addr]).expect_err(addr);
+            assert!(err.line.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_flag_or_subcommand_gets_a_suggestion() {
+        for (args, similar) in [
+            (&["--listen-adr", "127.0.0.1:1"][..], "--listen-addr"),
+            (&["import", "--dry-rn"], "--dry-run"),
+            (&["sreve"], "serve"),
+        ] {
+            let err = load(args).expect_err("refused");
+            assert!(
+                err.line.ends_with(&format!("; did you mean '{similar}'?")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn a_serving_setting_after_another_subcommand_is_refused() {
         for args in [
             &["migrate", "--listen-addr", "127.0.0.1:1"][..],

@@ -68,6 +68,7 @@ pub struct Settings {
         long,
         env = "LISTEN_ADDR",
         default_value = "127.0.0.1:50051",
+        value_parser = host_port,
         global = true
     )]
     pub listen_addr: SocketAddr,
@@ -91,7 +92,7 @@ pub struct Settings {
     pub watch: WatchSettings,
 
     /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
-    #[arg(long, env = "METRICS_ADDR", global = true)]
+    #[arg(long, env = "METRICS_ADDR", value_parser = host_port, global = true)]
     pub metrics_addr: Option<SocketAddr>,
 
     /// On SIGTERM/SIGINT, how long in-flight RPCs may take to finish before
@@ -204,7 +205,7 @@ pub struct AccessSettings {
     /// Also serve `grpc.health.v1` (and nothing else) in plaintext on this
     /// address, for Kubernetes probes, which can't present a certificate
     /// or token.
-    #[arg(long, env = "HEALTH_LISTEN_ADDR", global = true)]
+    #[arg(long, env = "HEALTH_LISTEN_ADDR", value_parser = host_port, global = true)]
     pub health_listen_addr: Option<SocketAddr>,
 }
 
@@ -353,6 +354,25 @@ impl Settings {
 }
 
 /// Two addresses that would fight over one port (port 0 picks a free one).
+/// A listening address, `HOST:PORT`: an IP address, or a host name
+/// resolved once, here, to its first address (one socket is bound).
+fn host_port(raw: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = raw.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = raw.rsplit_once(':') else {
+        return Err("expected HOST:PORT".into());
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("the port {port:?} is not a number from 0 to 65535"));
+    }
+    let mut addrs = std::net::ToSocketAddrs::to_socket_addrs(raw)
+        .map_err(|err| format!("cannot resolve {host:?}: {err}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()

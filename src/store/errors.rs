@@ -11,11 +11,41 @@ impl From<DbErr> for Error {
     /// The store says what kind of failure it was; the domain's error says
     /// what the caller may do about it.
     fn from(err: DbErr) -> Self {
+        let failure = Box::new(DatabaseFailure(describe(&err)));
         if is_unavailable(&err) {
-            Error::Unavailable(Box::new(err))
+            Error::Unavailable(failure)
         } else {
-            Error::Internal(Box::new(err))
+            Error::Internal(failure)
         }
+    }
+}
+
+/// A database error for a log line, as [`describe`] words it. It has no
+/// source: its text is already the one cause.
+#[derive(Debug)]
+struct DatabaseFailure(String);
+
+impl std::fmt::Display for DatabaseFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DatabaseFailure {}
+
+/// A database error in one cause: the database's own message with its
+/// SQLSTATE, or the driver's. SeaORM's and sqlx's wrappers each repeat
+/// the cause (an error chain prints it three times), and sqlx appends the
+/// line of PostgreSQL's C source that raised it, which tells an operator
+/// nothing.
+pub fn describe(err: &DbErr) -> String {
+    match sqlx_error(err) {
+        Some(sqlx::Error::Database(db)) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_owned(),
+        },
+        Some(other) => other.to_string(),
+        None => err.to_string(),
     }
 }
 
@@ -24,7 +54,7 @@ impl From<DbErr> for Error {
 /// ([`is_worth_repeating`]) and there is time left.
 pub(super) fn attempt_after(err: DbErr, until: Instant) -> Result<LinkAttempt, DbErr> {
     if is_worth_repeating(&err) && Instant::now() < until {
-        tracing::debug!(error = %err, "link attempt failed; repeating");
+        tracing::debug!(error = describe(&err), "link attempt failed; repeating");
         Ok(LinkAttempt::Again)
     } else {
         Err(err)

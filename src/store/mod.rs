@@ -84,7 +84,7 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.error {
-            Some(error) => write!(f, "{}: {error}", self.what),
+            Some(error) => write!(f, "{}: {}", self.what, errors::describe(error)),
             None => f.write_str(&self.what),
         }
     }
@@ -225,7 +225,7 @@ impl Database {
 
     /// Closes the connections, giving up at `timeout`. Connections still in
     /// use close when their work ends (bounded by its own deadline).
-    pub async fn close(&self, timeout: Duration) -> Result<(), DbErr> {
+    pub async fn close(&self, timeout: Duration) -> Result<(), Failure> {
         let until = Instant::now() + timeout;
         match &self.0.backend {
             Backend::Postgres(db) => {
@@ -234,7 +234,9 @@ impl Database {
             }
             Backend::Sqlite(db) => tokio::time::timeout_at(until, db.conn.close_by_ref())
                 .await
-                .map_err(|_| errors::timed_out("closing the database"))?,
+                .map_err(|_| errors::timed_out("closing the database"))
+                .flatten()
+                .map_err(|err| Failure::new("closing the database", err)),
         }
     }
 

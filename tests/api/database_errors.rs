@@ -6,7 +6,7 @@ use crate::helpers;
 
 use std::time::Duration;
 
-use helpers::{Backend, TestApp, proxy::Proxy};
+use helpers::{Backend, TestApp, TestDatabase, process::ServerProcess, proxy::Proxy};
 use sea_orm::ConnectionTrait;
 use tonic::Code;
 
@@ -168,3 +168,37 @@ on_both_databases!(
     other_database_errors_are_internal_with_a_generic_message,
     a_corrupt_stored_row_is_internal_not_returned,
 );
+
+/// The operator's log line names the database's cause once, with its
+/// SQLSTATE, and not the driver's wrappers or PostgreSQL's C source line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_is_logged_as_one_cause() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let server = ServerProcess::start(&[("DATABASE_URL", database.url.as_str())]);
+    helpers::wait_for_health(
+        server.addr,
+        "",
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+    let db = sea_orm::Database::connect(&database.url)
+        .await
+        .expect("connect");
+    db.execute_unprepared("ALTER TABLE stripe_customers RENAME TO elsewhere")
+        .await
+        .expect("rename");
+    let mut client = helpers::connect(server.addr).await;
+    let status = helpers::get(
+        &mut client,
+        customer_mapping::proto::get_request::Key::UserId("user-1".into()),
+    )
+    .await
+    .expect_err("no table");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+
+    let logged = server.wait_for_event(|e| e["message"] == "internal error");
+    let error = logged["error"].as_str().expect("an error field");
+    let cause = r#"relation "stripe_customers" does not exist"#;
+    assert_eq!(error, format!("{cause} (SQLSTATE 42P01)"), "{logged}");
+    db.close().await.expect("closes");
+}
