@@ -586,7 +586,15 @@ impl Watchers {
         // Connections of their own, each within the server's default
         // MAX_CONCURRENT_STREAMS (128): a stream beyond it would wait for
         // a slot that never frees.
-        let channels = connections(addr, count.div_ceil(100).max(1))?;
+        let count_connections = count.div_ceil(100).max(1);
+        // HTTP/2's smallest windows for readers that read nothing: they
+        // stop their streams at once, instead of taking in hyper's default
+        // 2 MiB per stream first.
+        let channels = if stalled {
+            stalled_connections(addr, count_connections)?
+        } else {
+            connections(addr, count_connections)?
+        };
         let before = current_rss_kib(pid).unwrap_or(0);
         let stop = tokio_util::sync::CancellationToken::new();
         let mut readers = Vec::with_capacity(count);
@@ -692,6 +700,21 @@ fn connections(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<Vec<C
         .map(|_| {
             Channel::from_shared(format!("http://{addr}"))
                 .map(|c| c.connect_lazy())
+                .map_err(anyhow::Error::from)
+        })
+        .collect()
+}
+
+/// [`connections`] with HTTP/2's smallest flow-control windows.
+fn stalled_connections(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<Vec<Channel>> {
+    (0..count)
+        .map(|_| {
+            Channel::from_shared(format!("http://{addr}"))
+                .map(|c| {
+                    c.initial_stream_window_size(65_535)
+                        .initial_connection_window_size(65_535)
+                        .connect_lazy()
+                })
                 .map_err(anyhow::Error::from)
         })
         .collect()
