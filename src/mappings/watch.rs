@@ -42,8 +42,10 @@ const CONCURRENT_CATCH_UPS: usize = 4;
 
 /// Least time between two polls, however often this replica's own changes
 /// ask for one: under a stream of Links, the poller reads at most this
-/// often, each read taking every change since the last.
-const MIN_POLL_GAP: Duration = Duration::from_millis(5);
+/// often, each read taking every change since the last. Each read is a
+/// query and a batch fanned out to every stream: fewer, larger batches cost
+/// less per event, at the price of up to this much added lag.
+const MIN_POLL_GAP: Duration = Duration::from_millis(20);
 
 /// How long one read of the feed may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
