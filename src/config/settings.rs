@@ -361,7 +361,7 @@ fn host_port(raw: &str) -> Result<SocketAddr, String> {
         return Ok(addr);
     }
     let Some((host, port)) = raw.rsplit_once(':') else {
-        return Err("expected HOST:PORT".into());
+        return Err("not an address: expected HOST:PORT".into());
     };
     if port.parse::<u16>().is_err() {
         return Err(format!("the port {port:?} is not a number from 0 to 65535"));
