@@ -399,3 +399,36 @@ async fn spans_are_flushed_at_exit_within_a_bound() {
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
+
+/// Not a check: the receiver for the benchmark's export-on run
+/// (docs/PERFORMANCE.md), on `OTLP_RECEIVER_ADDR` (default
+/// 127.0.0.1:4317), counting the spans it receives for
+/// `OTLP_RECEIVER_SECONDS` (default 600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[ignore = "a receiver for benchmarks, run by hand"]
+async fn otlp_receiver_for_benchmarks() {
+    let addr = std::env::var("OTLP_RECEIVER_ADDR").unwrap_or_else(|_| "127.0.0.1:4317".into());
+    let seconds: u64 = std::env::var("OTLP_RECEIVER_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .expect("the receiver's port is free");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    eprintln!("receiving OTLP/gRPC spans on {addr} for {seconds} s");
+    let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut received = 0u64;
+    while let Ok(Some(_)) = tokio::time::timeout_at(until, rx.recv()).await {
+        received += 1;
+        if received.is_multiple_of(100_000) {
+            eprintln!("{received} spans received");
+        }
+    }
+    eprintln!("{received} spans received in all");
+}
