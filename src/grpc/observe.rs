@@ -81,7 +81,15 @@ where
     let method = rpc.name();
     let request_id = request_id(&request);
     let deadline = caller_deadline(&request);
-    let span = tracing::info_span!("rpc", otel.kind = "server", method, request_id = %request_id);
+    // `otel.name`: a trace shows the gRPC method's full name, as the
+    // OpenTelemetry conventions name a server span.
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format_args!("{SERVICE_NAME}/{method}"),
+        otel.kind = "server",
+        method,
+        request_id = %request_id,
+    );
     // The one place every call's span is made: here it joins the caller's
     // trace (W3C `traceparent`, `tracestate`).
     let trace_id = traces::continue_callers_trace(&span, request.metadata().as_ref());

@@ -155,7 +155,8 @@ async fn link_in_trace(
 async fn rpc_span(spans: &mut Spans, caller: &Caller) -> Span {
     spans
         .wait_for("rpc span in the caller's trace", |span| {
-            span.name == "rpc" && hex(&span.trace_id) == caller.trace_id
+            span.name.starts_with("customermapping.v1.CustomerMapping/")
+                && hex(&span.trace_id) == caller.trace_id
         })
         .await
 }
@@ -204,6 +205,7 @@ async fn a_link_continues_the_callers_trace_down_to_its_statement() {
     let rpc = rpc_span(&mut spans, &caller).await;
     assert_eq!(hex(&rpc.parent_span_id), caller.span_id, "{rpc:#?}");
     assert_eq!(rpc.trace_state, "vendor=opaque", "{rpc:#?}");
+    assert_eq!(rpc.name, "customermapping.v1.CustomerMapping/Link");
     assert_eq!(attribute(&rpc, "method").as_deref(), Some("Link"));
     assert_eq!(
         attribute(&rpc, "request_id").as_deref(),
