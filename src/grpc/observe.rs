@@ -81,18 +81,20 @@ where
     let method = rpc.name();
     let request_id = request_id(&request);
     let deadline = caller_deadline(&request);
-    // `otel.name`: a trace shows the gRPC method's full name, as the
-    // OpenTelemetry conventions name a server span.
+    // `otel.*` are recorded only when traces are exported (see
+    // `continue_callers_trace`): formatting them for every call's log
+    // context would be paid with export off too.
     let span = tracing::info_span!(
         "rpc",
-        otel.name = %format_args!("{SERVICE_NAME}/{method}"),
-        otel.kind = "server",
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
         method,
         request_id = %request_id,
     );
     // The one place every call's span is made: here it joins the caller's
     // trace (W3C `traceparent`, `tracestate`).
-    let trace_id = traces::continue_callers_trace(&span, request.metadata().as_ref());
+    let trace_id =
+        traces::continue_callers_trace(&span, SERVICE_NAME, method, request.metadata().as_ref());
     let record = CallRecord {
         method,
         request_id: Some(request_id.clone()),

@@ -125,7 +125,12 @@ fn propagator() -> &'static TraceContextPropagator {
 /// for its log line: ours when exporting (a new one if the caller sent
 /// none), else the caller's. A malformed `traceparent` is ignored, as the
 /// W3C spec asks: the call goes on in a new trace.
-pub fn continue_callers_trace(span: &Span, headers: &http::HeaderMap) -> Option<TraceId> {
+pub fn continue_callers_trace(
+    span: &Span,
+    service: &str,
+    method: &str,
+    headers: &http::HeaderMap,
+) -> Option<TraceId> {
     let caller = headers
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
@@ -135,6 +140,12 @@ pub fn continue_callers_trace(span: &Span, headers: &http::HeaderMap) -> Option<
     if !EXPORTING.load(Ordering::Relaxed) {
         return caller.map(|cx| cx.span().span_context().trace_id());
     }
+    // Named as OpenTelemetry names a gRPC server span: service/method.
+    span.record(
+        "otel.name",
+        tracing::field::display(format_args!("{service}/{method}")),
+    );
+    span.record("otel.kind", "server");
     if let Some(cx) = caller {
         // Only fails when the span is disabled (filtered out): then there
         // is nothing to parent.
@@ -158,9 +169,24 @@ fn well_formed(traceparent: &str) -> bool {
     lengths_ok && (fields[0] != "00" || fields.len() == 4)
 }
 
+/// The span to link a statement to: the current call's, when spans are
+/// exported (none otherwise: nothing would read it).
+pub fn call_span() -> Span {
+    if EXPORTING.load(Ordering::Relaxed) {
+        Span::current()
+    } else {
+        Span::none()
+    }
+}
+
 /// The span of one database statement, `operation` its name (never its
 /// SQL, which would carry the callers' ids), a child of the current call.
+/// Made only when spans are exported: a span per statement costs
+/// allocation and formatting that nothing else reads.
 pub fn statement_span(operation: &'static str, system: &'static str) -> Span {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return Span::none();
+    }
     tracing::info_span!(
         "db.statement",
         otel.kind = "client",
@@ -177,6 +203,9 @@ pub fn shared_statement_span<'a>(
     operation: &'static str,
     calls: impl ExactSizeIterator<Item = &'a Span> + Clone,
 ) -> Span {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return Span::none();
+    }
     let count = calls.len();
     let parent = calls.clone().next().and_then(Span::id);
     let span = tracing::info_span!(
@@ -187,10 +216,8 @@ pub fn shared_statement_span<'a>(
         db.operation.name = operation,
         db.calls = count,
     );
-    if EXPORTING.load(Ordering::Relaxed) {
-        for call in calls {
-            span.follows_from(call);
-        }
+    for call in calls {
+        span.follows_from(call);
     }
     span
 }
@@ -215,6 +242,8 @@ mod tests {
         let span = Span::none();
         let id = continue_callers_trace(
             &span,
+            "s",
+            "m",
             &headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         assert_eq!(
@@ -236,11 +265,14 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0f067aa0ba902b7-01",
         ] {
             assert_eq!(
-                continue_callers_trace(&span, &headers(bad)),
+                continue_callers_trace(&span, "s", "m", &headers(bad)),
                 None,
                 "{bad:?}"
             );
         }
-        assert_eq!(continue_callers_trace(&span, &http::HeaderMap::new()), None);
+        assert_eq!(
+            continue_callers_trace(&span, "s", "m", &http::HeaderMap::new()),
+            None
+        );
     }
 }

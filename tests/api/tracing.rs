@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::{
         trace_service_server::{TraceService, TraceServiceServer},
     },
     common::v1::any_value::Value,
-    trace::v1::Span,
+    trace::v1::{Span, span::SpanKind},
 };
 use tokio::sync::mpsc;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -206,6 +206,7 @@ async fn a_link_continues_the_callers_trace_down_to_its_statement() {
     assert_eq!(hex(&rpc.parent_span_id), caller.span_id, "{rpc:#?}");
     assert_eq!(rpc.trace_state, "vendor=opaque", "{rpc:#?}");
     assert_eq!(rpc.name, "customermapping.v1.CustomerMapping/Link");
+    assert_eq!(rpc.kind, SpanKind::Server as i32);
     assert_eq!(attribute(&rpc, "method").as_deref(), Some("Link"));
     assert_eq!(
         attribute(&rpc, "request_id").as_deref(),
@@ -218,6 +219,7 @@ async fn a_link_continues_the_callers_trace_down_to_its_statement() {
         })
         .await;
     assert_eq!(statement.trace_id, rpc.trace_id);
+    assert_eq!(statement.kind, SpanKind::Client as i32);
     assert_eq!(
         attribute(&statement, "db.operation.name").as_deref(),
         Some("link")

@@ -217,7 +217,7 @@ impl<W: Work> Lane<W> {
             request,
             until,
             keys,
-            span: tracing::Span::current(),
+            span: traces::call_span(),
             reply,
         };
         let alone = {
@@ -256,7 +256,7 @@ impl<W: Work> Lane<W> {
             request,
             until,
             keys: None,
-            span: tracing::Span::current(),
+            span: traces::call_span(),
             reply,
         };
         self.run(vec![call]).await;
