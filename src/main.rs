@@ -10,10 +10,14 @@ async fn main() -> std::process::ExitCode {
     // A refused setting ends the process here (one line, status 2), before
     // anything binds or connects.
     let cli = Cli::load();
-    let _flush_logs_on_exit = match telemetry::init(cli.settings.log_format) {
+    // Only the server is traced: a migration or an import has no caller
+    // whose trace it could join.
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    let otlp_endpoint = cli.settings.otlp_endpoint.as_ref().filter(|_| serving);
+    let _flush_telemetry_on_exit = match telemetry::init(cli.settings.log_format, otlp_endpoint) {
         Ok(guard) => guard,
         Err(err) => {
-            eprintln!("cannot start the log writer: {err:#}");
+            eprintln!("cannot start the log writer or the trace exporter: {err:#}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -47,6 +51,7 @@ async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<
         health = %app.health_addr().map_or_else(|| "main port only".to_owned(), |a| a.to_string()),
         reflection = settings.access.reflection,
         metrics = %app.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        traces = %settings.otlp_endpoint.as_ref().map_or_else(|| "off".to_owned(), |url| format!("OTLP/gRPC to {}", url.origin().ascii_serialization())),
         database = %settings.database.redacted_url(),
         "serving customermapping.v1.CustomerMapping"
     );

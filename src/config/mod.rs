@@ -257,6 +257,7 @@ mod tests {
             "allow_insecure_plaintext",
             "reflection",
             "log_format",
+            "otlp_endpoint",
             "csv",
             "from_database_url",
             "table",

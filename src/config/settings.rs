@@ -103,6 +103,14 @@ pub struct Settings {
     /// Log format: `text` for people, `json` for log collectors.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// OTLP/gRPC collector to export traces to, in plaintext (e.g.
+    /// http://127.0.0.1:4317);
+    /// no traces are made when unset. The other standard OTEL_* variables
+    /// (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, ...) are read as the
+    /// OpenTelemetry SDK defines them.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = otlp_endpoint, global = true)]
+    pub otlp_endpoint: Option<url::Url>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -371,6 +379,23 @@ fn host_port(raw: &str) -> Result<SocketAddr, String> {
     addrs
         .next()
         .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
+/// An `http://` URL with a host: what the OTLP/gRPC exporter can connect
+/// to (it says nothing about a malformed one until it exports). Spans go in
+/// plaintext, to a collector beside the server (a node agent or a
+/// sidecar): the exporter is built without TLS, so `https://` is refused
+/// here rather than failing every export.
+fn otlp_endpoint(raw: &str) -> Result<url::Url, String> {
+    const EXPECTED: &str = "expected an http:// URL with a host, e.g. http://127.0.0.1:4317 \
+                            (OTLP/gRPC in plaintext)";
+    match url::Url::parse(raw) {
+        Ok(url) if url.scheme() == "http" && url.host_str().is_some_and(|h| !h.is_empty()) => {
+            Ok(url)
+        }
+        Ok(_) => Err(EXPECTED.into()),
+        Err(err) => Err(format!("not a URL ({err}): {EXPECTED}")),
+    }
 }
 
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {

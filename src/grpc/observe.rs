@@ -3,11 +3,17 @@
 
 use std::{fmt, future::Future, time::Duration, time::Instant};
 
+use opentelemetry::trace::TraceId;
 use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 use tracing::Instrument;
 
 use super::guard::Guard;
-use crate::{auth::Rpc, mapping::Actor, proto::SERVICE_NAME, telemetry::metrics};
+use crate::{
+    auth::Rpc,
+    mapping::Actor,
+    proto::SERVICE_NAME,
+    telemetry::{metrics, traces},
+};
 
 /// Metadata key of the request id: taken from the caller when it sends a
 /// usable one, generated otherwise, and always returned.
@@ -75,10 +81,24 @@ where
     let method = rpc.name();
     let request_id = request_id(&request);
     let deadline = caller_deadline(&request);
-    let span = tracing::info_span!("rpc", method, request_id = %request_id);
+    // `otel.*` are recorded only when traces are exported (see
+    // `continue_callers_trace`): formatting them for every call's log
+    // context would be paid with export off too.
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+        method,
+        request_id = %request_id,
+    );
+    // The one place every call's span is made: here it joins the caller's
+    // trace (W3C `traceparent`, `tracestate`).
+    let trace_id =
+        traces::continue_callers_trace(&span, SERVICE_NAME, method, request.metadata().as_ref());
     let record = CallRecord {
         method,
         request_id: Some(request_id.clone()),
+        trace_id,
         deadline,
         started: Instant::now(),
     };
@@ -118,6 +138,9 @@ pub struct CallRecord {
     method: &'static str,
     /// Taken by `finish`; still here on drop when the call was cut off.
     request_id: Option<String>,
+    /// The trace the call belongs to, when it has one (see
+    /// `traces::continue_callers_trace`).
+    trace_id: Option<TraceId>,
     deadline: Option<Duration>,
     started: Instant,
 }
@@ -134,7 +157,15 @@ impl CallRecord {
     /// `events` (a stream's).
     pub fn finish(mut self, code: Code, caller: &dyn fmt::Display, events: Option<usize>) {
         let request_id = self.request_id.take().unwrap_or_default();
-        log_and_count(self.method, code, self.started, &request_id, caller, events);
+        log_and_count(
+            self.method,
+            code,
+            self.started,
+            &request_id,
+            self.trace_id,
+            caller,
+            events,
+        );
     }
 }
 
@@ -153,6 +184,7 @@ impl Drop for CallRecord {
             code,
             self.started,
             &request_id,
+            self.trace_id,
             &"unknown",
             None,
         );
@@ -164,6 +196,7 @@ fn log_and_count(
     code: Code,
     started: Instant,
     request_id: &str,
+    trace_id: Option<TraceId>,
     caller: &dyn fmt::Display,
     events: Option<usize>,
 ) {
@@ -174,6 +207,7 @@ fn log_and_count(
         code = metrics::code_name(code),
         latency_ms,
         request_id = %request_id,
+        trace_id = trace_id.map(traces::hex),
         caller = %caller,
         events,
         "rpc"

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::{
     mapping::{
@@ -169,7 +170,8 @@ async fn link(db: &Database, write: LinkWrite, until: Instant) -> Result<Linked,
 async fn run_to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::spawn(work)
+    // In the call's span, so that its statements' spans are the call's.
+    tokio::spawn(work.in_current_span())
         .await
         .map_err(|join| Error::Internal(Box::new(join)))?
 }

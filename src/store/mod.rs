@@ -22,13 +22,14 @@ use std::{
 use chrono::{DateTime, Utc};
 use sea_orm::{DbErr, EntityTrait, FromQueryResult, Select};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use feed::{FeedPage, FeedPosition};
 
 use crate::{
     config::DatabaseSettings,
     mapping::{Actor, Event, Key, LinkAttempt, LinkWrite, ListCursor, Mapping, Unlink, Unlinked},
-    telemetry::metrics::PoolStats,
+    telemetry::{metrics::PoolStats, traces},
 };
 
 /// How long applying the migrations may take. They are a few DDL
@@ -245,7 +246,7 @@ impl Database {
     pub async fn get(&self, key: &Key, until: Instant) -> Result<Option<Mapping>, DbErr> {
         let row = match &self.0.backend {
             Backend::Postgres(db) => db.get(key, until).await?,
-            Backend::Sqlite(db) => db.get(key).await?,
+            Backend::Sqlite(db) => db.get(key).instrument(sqlite_span("get")).await?,
         };
         row.as_ref().map(rows::mapping).transpose()
     }
@@ -255,7 +256,7 @@ impl Database {
     pub async fn link(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
         match &self.0.backend {
             Backend::Postgres(db) => db.link(write, until).await,
-            Backend::Sqlite(db) => match db.link(&[&write]).await {
+            Backend::Sqlite(db) => match db.link(&[&write]).instrument(sqlite_span("link")).await {
                 Ok(attempts) => Ok(only(attempts)),
                 Err(err) => errors::attempt_after(err, until),
             },
@@ -297,7 +298,9 @@ impl Database {
         until: Instant,
     ) -> Result<Vec<LinkAttempt>, DbErr> {
         let keys: Vec<Key> = writes.iter().flat_map(|w| w.keys()).collect();
-        let holders = self.all(queries::holding_any(&keys), until).await?;
+        let holders = self
+            .all("holding_any", queries::holding_any(&keys), until)
+            .await?;
         rows::attempts(writes, Vec::new(), &holders)
     }
 
@@ -310,15 +313,18 @@ impl Database {
         actor: &Actor,
         until: Instant,
     ) -> Result<Unlinked, DbErr> {
+        let span = traces::statement_span("unlink", self.system());
         match &self.0.backend {
-            Backend::Postgres(db) => db.unlink(unlink, time, actor, until).await,
-            Backend::Sqlite(db) => db.unlink(unlink, time, actor).await,
+            Backend::Postgres(db) => db.unlink(unlink, time, actor, until).instrument(span).await,
+            Backend::Sqlite(db) => db.unlink(unlink, time, actor).instrument(span).await,
         }
     }
 
     /// The mappings holding any of `keys`, all as they were at one instant.
     pub async fn holding_any(&self, keys: &[Key], until: Instant) -> Result<Vec<Mapping>, DbErr> {
-        let rows = self.all(queries::holding_any(keys), until).await?;
+        let rows = self
+            .all("holding_any", queries::holding_any(keys), until)
+            .await?;
         rows.iter().map(rows::mapping).collect()
     }
 
@@ -330,7 +336,9 @@ impl Database {
         limit: u64,
         until: Instant,
     ) -> Result<Vec<(Mapping, ListCursor)>, DbErr> {
-        let rows = self.all(queries::list_page(after, limit), until).await?;
+        let rows = self
+            .all("list", queries::list_page(after, limit), until)
+            .await?;
         rows.iter()
             .map(|row| Ok((rows::mapping(row)?, rows::list_cursor(row))))
             .collect()
@@ -346,7 +354,7 @@ impl Database {
         until: Instant,
     ) -> Result<Vec<Event>, DbErr> {
         let rows = self
-            .all(queries::events_page(key, after, limit), until)
+            .all("events", queries::events_page(key, after, limit), until)
             .await?;
         rows.into_iter().map(rows::event).collect()
     }
@@ -431,17 +439,39 @@ impl Database {
         })
     }
 
-    /// Every row that `select` finds, in one statement, by `until`.
-    async fn all<E>(&self, select: Select<E>, until: Instant) -> Result<Vec<E::Model>, DbErr>
+    /// Every row that `select` finds, in one statement, by `until`;
+    /// `operation` names the statement's span.
+    async fn all<E>(
+        &self,
+        operation: &'static str,
+        select: Select<E>,
+        until: Instant,
+    ) -> Result<Vec<E::Model>, DbErr>
     where
         E: EntityTrait,
         E::Model: FromQueryResult + Send + Sync,
     {
+        let span = traces::statement_span(operation, self.system());
         match &self.0.backend {
-            Backend::Postgres(db) => db.all(select, until).await,
-            Backend::Sqlite(db) => select.all(&db.conn).await,
+            Backend::Postgres(db) => db.all(select, until).instrument(span).await,
+            Backend::Sqlite(db) => select.all(&db.conn).instrument(span).await,
         }
     }
+
+    /// The database's name in statement spans (OpenTelemetry's
+    /// `db.system.name`).
+    fn system(&self) -> &'static str {
+        match &self.0.backend {
+            Backend::Postgres(_) => "postgresql",
+            Backend::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+/// A SQLite statement's span (PostgreSQL's Gets and Links get theirs in
+/// `postgres/lane.rs`, where statements are shared).
+fn sqlite_span(operation: &'static str) -> tracing::Span {
+    traces::statement_span(operation, "sqlite")
 }
 
 /// The one attempt of a transaction of one Link.

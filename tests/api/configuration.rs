@@ -337,6 +337,24 @@ fn values_clap_refuses_are_one_line_naming_the_variable_too() {
             ["--metrics-addr", "METRICS_ADDR", "localhost", "address"],
         ),
         (
+            [("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")],
+            [
+                "--otlp-endpoint",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "https://collector:4317",
+                "http:// URL",
+            ],
+        ),
+        (
+            [("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317")],
+            [
+                "--otlp-endpoint",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "127.0.0.1:4317",
+                "http:// URL",
+            ],
+        ),
+        (
             [("TLS_CERT_FILE", "cert.pem")],
             ["--tls-key-file", "TLS_KEY_FILE", "required", "not provided"],
         ),

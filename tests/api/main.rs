@@ -38,6 +38,7 @@ mod health;
 mod metrics;
 mod request_id;
 mod shutdown;
+mod tracing;
 
 // Tools people debug with.
 mod grpcurl;

@@ -43,12 +43,16 @@ use std::{
 
 use sea_orm::{DbErr, RuntimeErr};
 use tokio::{sync::oneshot, time::Instant};
+use tracing::Instrument;
 
 use super::pool::Pool;
 use crate::{
     mapping::{KeyFingerprints, KeySet, LinkKeys},
     store::errors::timed_out,
-    telemetry::metrics::{CALLS_PER_STATEMENT, QUEUED_CALLS},
+    telemetry::{
+        metrics::{CALLS_PER_STATEMENT, QUEUED_CALLS},
+        traces,
+    },
 };
 
 /// What a lane coalesces: how calls are answered.
@@ -75,6 +79,8 @@ pub(super) struct Call<W: Work + ?Sized> {
     pub request: W::Request,
     pub until: Instant,
     keys: Option<LinkKeys>,
+    /// The call's span: the statement that answers it links to it.
+    span: tracing::Span,
     reply: oneshot::Sender<Result<W::Answer, DbErr>>,
 }
 
@@ -211,6 +217,7 @@ impl<W: Work> Lane<W> {
             request,
             until,
             keys,
+            span: traces::call_span(),
             reply,
         };
         let alone = {
@@ -249,6 +256,7 @@ impl<W: Work> Lane<W> {
             request,
             until,
             keys: None,
+            span: traces::call_span(),
             reply,
         };
         self.run(vec![call]).await;
@@ -272,7 +280,10 @@ impl<W: Work> Lane<W> {
     async fn run(&self, batch: Vec<Call<W>>) {
         metrics::histogram!(CALLS_PER_STATEMENT, "op" => self.work.name())
             .record(batch.len() as f64);
-        self.work.run(&self.pool, batch).await;
+        // Its own span, whichever task sends it (a queued batch goes out
+        // from a task of its own): one statement, linked to every call.
+        let span = traces::shared_statement_span(self.work.name(), batch.iter().map(|c| &c.span));
+        self.work.run(&self.pool, batch).instrument(span).await;
     }
 
     /// When the lane is free, sends what is queued as the next statement.
@@ -405,6 +416,7 @@ mod tests {
                     request,
                     until: Instant::now(),
                     keys,
+                    span: tracing::Span::none(),
                     reply,
                 });
             }
