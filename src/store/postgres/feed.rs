@@ -227,61 +227,60 @@ impl Position {
     }
 }
 
-/// One read of the feed: up to `limit` events, in sequence order, of the
-/// step from `from` (the beginning when `None`) to `target` (the
-/// statement's own snapshot when `None`), after sequence `after`. Every
-/// row carries the text of the snapshot read to (the events' columns are
-/// NULL on the one row of an empty read).
-///
-/// A step's events are a sliver of the trail, found by transaction id
-/// (`idx_mapping_events_transaction_id`). The planner cannot know that
-/// before the table's first `ANALYZE` (a new deployment, or just after an
-/// import): its default estimates then choose to scan every event at each
-/// poll. So the read goes as one simple-protocol message, `SET LOCAL` and
-/// the query in one implicit transaction (the setting ends with it), and
-/// is planned with its actual values. Those values are numbers this
-/// module formats, never a caller's text. `sequence + 0` keeps the first
-/// read of a step from walking the trail in sequence order instead.
-fn read_sql(
-    from: Option<&Snapshot>,
-    target: Option<&Snapshot>,
-    after: Option<i64>,
-    limit: i64,
-) -> String {
-    let snap = match target {
-        Some(target) => format!("'{}'::pg_snapshot", target.text()),
-        None => "pg_current_snapshot()".to_owned(),
-    };
-    let step = match from {
-        Some(from) => {
-            let xip: Vec<String> = from.xip.iter().map(u64::to_string).collect();
-            format!(
-                "(transaction_id >= '{}'::xid8 OR transaction_id = ANY('{{{}}}'::xid8[]))",
-                from.xmax,
-                xip.join(",")
-            )
-        }
-        None => "TRUE".to_owned(),
-    };
-    let sequence = match (from, after) {
-        (Some(_), None) => "sequence + 0",
-        _ => "sequence",
-    };
-    let after = after.unwrap_or(0);
-    format!(
-        "SET LOCAL enable_seqscan = off;
-WITH snap AS (SELECT {snap} AS s)
+/// One read of the feed: up to `$3` events, in sequence order, after
+/// sequence `$2`, of those the snapshot `$1` sees (the statement's own when
+/// NULL) and `step` selects. Every row carries the text of the snapshot
+/// read to (the events' columns are NULL on the one row of an empty read).
+macro_rules! feed_sql {
+    ($sequence:literal, $step:expr) => {
+        concat!(
+            "WITH snap AS (SELECT COALESCE($1::text::pg_snapshot, pg_current_snapshot()) AS s)
 SELECT snap.s::text AS snapshot, e.sequence, e.kind, e.user_id, e.stripe_customer_id,
        e.mapping_created_at, e.time, e.caller, e.request_id
 FROM snap LEFT JOIN LATERAL (
     SELECT * FROM mapping_events
-    WHERE {sequence} > {after} AND {step}
+    WHERE ",
+            $sequence,
+            " > $2",
+            $step,
+            "
       AND (transaction_id IS NULL OR pg_visible_in_snapshot(transaction_id, snap.s))
-    ORDER BY {sequence} LIMIT {limit}
+    ORDER BY ",
+            $sequence,
+            " LIMIT $3
 ) e ON TRUE
 ORDER BY e.sequence"
-    )
+        )
+    };
 }
+
+/// The events of a step from a snapshot whose `xmax` is `$4` and whose
+/// in-progress ids are `$5`.
+macro_rules! in_step {
+    () => {
+        " AND (transaction_id >= $4::text::xid8 OR transaction_id = ANY($5::text[]::xid8[]))"
+    };
+}
+
+/// Reads from the beginning: every event, by sequence.
+const FROM_BEGINNING: &str = feed_sql!("sequence", "");
+
+/// The first read of a step: its events are found by transaction id
+/// (`idx_mapping_events_transaction_id`); `+ 0` keeps the planner from
+/// walking the trail in sequence order to find them.
+const STEP_FIRST: &str = feed_sql!("sequence + 0", in_step!());
+
+/// The next pages of a step too large for one read, by sequence from the
+/// last one handed out.
+const STEP_NEXT: &str = feed_sql!("sequence", in_step!());
+
+/// For the feed's reads only: no sequential scan. A step's events are a
+/// sliver of the trail, but before the table's first `ANALYZE` (a new
+/// deployment, or just after an import) the planner's default estimates
+/// choose to scan every event at each poll. `SET LOCAL` ends with the
+/// transaction; a connection whose read fails is closed, never reused, so
+/// the setting cannot outlive the read.
+const BEGIN_READ: &str = "BEGIN READ ONLY; SET LOCAL enable_seqscan = off";
 
 /// The present, as a position: every event committed now is before it.
 pub(super) async fn present(pool: &Pool, until: Instant) -> Result<Position, DbErr> {
@@ -317,18 +316,30 @@ pub(super) async fn read(
         (Some(within), _) => (Some(&within.target), Some(within.last)),
         (None, target) => (target, None),
     };
-    let sql = read_sql(
-        from.seen.as_ref(),
-        target,
-        after,
-        i64::try_from(limit).unwrap_or(i64::MAX),
-    );
+    let sql = match (&from.seen, after) {
+        (None, _) => FROM_BEGINNING,
+        (Some(_), None) => STEP_FIRST,
+        (Some(_), Some(_)) => STEP_NEXT,
+    };
+    let step = from.seen.as_ref().map(|seen| {
+        let xip: Vec<String> = seen.xip.iter().map(u64::to_string).collect();
+        (seen.xmax.to_string(), xip)
+    });
+    let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut conn = pool.acquire(until).await?;
     let rows = conn
         .bounded(until, "reading the feed", async |conn| {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .fetch_all(conn)
-                .await
+            sqlx::raw_sql(BEGIN_READ).execute(&mut *conn).await?;
+            let mut query = sqlx::query(sql)
+                .bind(target.map(Snapshot::text))
+                .bind(after.unwrap_or(0))
+                .bind(limit_param);
+            if let Some((xmax, xip)) = &step {
+                query = query.bind(xmax).bind(xip);
+            }
+            let rows = query.fetch_all(&mut *conn).await?;
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            Ok(rows)
         })
         .await?;
     conn.release();
