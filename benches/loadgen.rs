@@ -58,11 +58,11 @@ use customer_mapping::proto::{
 use hdrhistogram::Histogram;
 use helpers::{
     Backend, TestDatabase,
-    process::{Output, ServerProcess},
+    process::{Output, ServerProcess, memory_kib},
 };
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use sea_orm::sqlx::{self, Row};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -490,7 +490,7 @@ async fn run_database(db: Db, args: &Args) -> anyhow::Result<()> {
         watching.close(db, args.json).await;
     }
 
-    let rss = peak_rss_kib(server.pid());
+    let rss = memory_kib(server.pid(), "VmHWM");
     server.sigterm();
     server.exited(Duration::from_secs(30)).await;
     match &ceiling {
@@ -595,7 +595,7 @@ impl Watchers {
         } else {
             connections(addr, count_connections)?
         };
-        let before = current_rss_kib(pid).unwrap_or(0);
+        let before = memory_kib(pid, "VmRSS").unwrap_or(0);
         let stop = tokio_util::sync::CancellationToken::new();
         let mut readers = Vec::with_capacity(count);
         for n in 0..count {
@@ -641,7 +641,7 @@ impl Watchers {
         }
         // Let the server settle before reading its memory.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = current_rss_kib(pid).unwrap_or(0);
+        let after = memory_kib(pid, "VmRSS").unwrap_or(0);
         let rss_per_watcher_kib = if count == 0 {
             0.0
         } else {
@@ -696,37 +696,30 @@ impl Watchers {
 
 /// `count` HTTP/2 connections to the server at `addr`, opened on first use.
 fn connections(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<Vec<Channel>> {
-    (0..count)
-        .map(|_| {
-            Channel::from_shared(format!("http://{addr}"))
-                .map(|c| c.connect_lazy())
-                .map_err(anyhow::Error::from)
-        })
-        .collect()
+    connections_with(addr, count, |endpoint| endpoint)
 }
 
 /// [`connections`] with HTTP/2's smallest flow-control windows.
 fn stalled_connections(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<Vec<Channel>> {
+    connections_with(addr, count, |endpoint| {
+        endpoint
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+    })
+}
+
+fn connections_with(
+    addr: std::net::SocketAddr,
+    count: usize,
+    configure: impl Fn(Endpoint) -> Endpoint,
+) -> anyhow::Result<Vec<Channel>> {
     (0..count)
         .map(|_| {
             Channel::from_shared(format!("http://{addr}"))
-                .map(|c| {
-                    c.initial_stream_window_size(65_535)
-                        .initial_connection_window_size(65_535)
-                        .connect_lazy()
-                })
+                .map(|endpoint| configure(endpoint).connect_lazy())
                 .map_err(anyhow::Error::from)
         })
         .collect()
-}
-
-/// VmRSS: the resident memory of process `pid` now, in KiB.
-fn current_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// One request, drawn for a scenario.
@@ -1011,15 +1004,6 @@ fn report(
             codes.join(" ")
         );
     }
-}
-
-/// VmHWM: the most resident memory process `pid` ever had, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// `url` with TLS off for PostgreSQL (loopback: the benchmark measures the

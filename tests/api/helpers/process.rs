@@ -91,13 +91,7 @@ impl ServerProcess {
 
     /// The most memory the process has held at once (`VmHWM`), in KiB.
     pub fn peak_memory_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("the process's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc status")
+        memory_kib(self.pid(), "VmHWM").expect("VmHWM in /proc status")
     }
 
     /// Sends SIGTERM, as Kubernetes does.
@@ -175,6 +169,16 @@ impl ServerProcess {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+}
+
+/// A memory figure of process `pid` from `/proc/<pid>/status`, in KiB:
+/// `VmRSS` (resident now) or `VmHWM` (the most it ever held).
+pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 impl Drop for ServerProcess {
