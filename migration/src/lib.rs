@@ -8,7 +8,13 @@ mod m20261201_000001_create_mapping_events;
 mod m20261201_000002_add_link_token;
 mod m20261205_000001_add_feed_position;
 mod m20261205_000002_index_feed_position;
+mod m20261206_000001_add_stripe_account;
+mod m20261206_000002_unique_per_account;
+mod m20261206_000003_sqlite_unique_per_account;
 mod preexisting;
+
+pub mod accounts;
+mod concurrent_index;
 
 pub struct Migrator;
 
@@ -21,6 +27,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000002_add_link_token::Migration),
             Box::new(m20261205_000001_add_feed_position::Migration),
             Box::new(m20261205_000002_index_feed_position::Migration),
+            Box::new(m20261206_000001_add_stripe_account::Migration),
+            Box::new(m20261206_000002_unique_per_account::Migration),
+            Box::new(m20261206_000003_sqlite_unique_per_account::Migration),
         ]
     }
 }
@@ -37,6 +46,12 @@ pub async fn ready(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Resul
     if manager.has_table("mapping_events").await?
         && manager.has_column("stripe_customers", "link_token").await?
         && manager.has_table("customer_mapping_deployment").await?
+        && manager
+            .has_column("stripe_customers", "stripe_account")
+            .await?
+        && manager
+            .has_column("mapping_events", "stripe_account")
+            .await?
     {
         return Ok(true);
     }
@@ -92,9 +107,18 @@ pub async fn missing(
 /// alone, even when it has a newer release's too (which the migrator
 /// itself refuses as "applied but its file is missing"): the previous
 /// release must keep starting during a rolling upgrade.
+///
+/// A database created here (none of the migrations applied before) gets
+/// Stripe accounts at once: no previous release has served it.
 pub async fn up(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), DbErr> {
-    if missing(db).await?.is_empty() {
+    let missing = missing(db).await?;
+    if missing.is_empty() {
         return Ok(());
     }
-    Migrator::up(db, None).await
+    let created = missing.len() == Migrator::migrations().len();
+    Migrator::up(db, None).await?;
+    if created {
+        accounts::enable(db).await?;
+    }
+    Ok(())
 }
