@@ -1,6 +1,6 @@
 use std::borrow::Cow;
 
-use super::{Key, Mapping};
+use super::{Generation, Key, Mapping, StripeAccount, UserId};
 
 /// A field the caller got wrong, named as in the proto (`keys[3].user_id`
 /// for an element of a repeated field, hence not always static).
@@ -29,6 +29,23 @@ pub enum Error {
     /// nothing was removed.
     #[error("the mapping changed since the caller saw it")]
     MappingChanged(Mapping),
+
+    /// A Link that followed a PrepareLink at generation `prepared`, while
+    /// the user has been unlinked since and is at `current`: nothing was
+    /// written.
+    #[error("the preparation is stale: the user was unlinked since")]
+    StalePreparation {
+        user: UserId,
+        account: StripeAccount,
+        prepared: Generation,
+        current: Generation,
+    },
+
+    /// A connected account was named while the database still holds the
+    /// previous release's global uniqueness (the upgrade's last step has
+    /// not run).
+    #[error("Stripe accounts are not enabled on this database yet")]
+    AccountsNotEnabled,
 
     /// No mapping holds this key.
     #[error("mapping not found")]

@@ -7,6 +7,7 @@ use std::fmt;
 pub const MAX_ID_CHARS: usize = 255;
 
 const STRIPE_CUSTOMER_PREFIX: &str = "cus_";
+const STRIPE_ACCOUNT_PREFIX: &str = "acct_";
 
 /// Why a raw id was refused, in words a caller can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +76,61 @@ impl StripeCustomerId {
     }
 }
 
+/// The Stripe account a mapping belongs to: empty for the platform's own
+/// account, otherwise a connected account's id, `acct_` followed by one or
+/// more ASCII letters or digits, 255 characters at most. Customer ids are
+/// only unique within an account, so every mapping belongs to one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StripeAccount(String);
+
+impl StripeAccount {
+    pub fn parse(raw: impl Into<String>) -> Result<Self, InvalidId> {
+        let raw = raw.into();
+        if raw.is_empty() {
+            return Ok(Self::platform());
+        }
+        let refuse = || {
+            InvalidId(format!(
+                "must be empty (the platform's own account) or \"{STRIPE_ACCOUNT_PREFIX}\" \
+                 followed by one or more ASCII letters or digits, {MAX_ID_CHARS} characters at most"
+            ))
+        };
+        if raw.len() > MAX_ID_CHARS {
+            return Err(refuse());
+        }
+        let rest = raw.strip_prefix(STRIPE_ACCOUNT_PREFIX).ok_or_else(refuse)?;
+        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(refuse());
+        }
+        Ok(Self(raw))
+    }
+
+    /// The platform's own account: what a caller naming no account means.
+    pub fn platform() -> Self {
+        Self(String::new())
+    }
+
+    pub fn is_platform(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StripeAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<StripeAccount> for String {
+    fn from(id: StripeAccount) -> Self {
+        id.0
+    }
+}
+
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -135,6 +191,30 @@ mod tests {
         assert!(StripeCustomerId::parse("cus_NffrFeUfNV2Hib").is_ok());
         assert!(StripeCustomerId::parse("cus_0").is_ok());
         assert!(StripeCustomerId::parse(format!("cus_{}", "a".repeat(251))).is_ok());
+    }
+
+    #[test]
+    fn stripe_account_is_empty_or_acct_and_alphanumerics() {
+        assert!(StripeAccount::parse("").is_ok_and(|a| a.is_platform()));
+        assert!(StripeAccount::parse("acct_1Nv0FGQ9RKHgCVdK").is_ok());
+        assert!(StripeAccount::parse(format!("acct_{}", "a".repeat(250))).is_ok());
+        for bad in [
+            "acct_".to_owned(),
+            "acct".into(),
+            "ACCT_abc".into(),
+            "cus_abc".into(),
+            " acct_abc".into(),
+            "acct_a-b".into(),
+            "acct_a_b".into(),
+            "acct_é".into(),
+            "acct_abc\0".into(),
+            format!("acct_{}", "a".repeat(251)),
+        ] {
+            assert!(
+                StripeAccount::parse(bad.clone()).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,17 @@ use std::{
 
 use chrono::{DateTime, Utc};
 
-use super::{Actor, Key, Mapping};
+use super::{Actor, Generation, Key, Mapping, StripeAccount, StripeCustomerId, UserId};
+
+/// What a caller asks Link for, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkArgs {
+    pub user_id: UserId,
+    pub stripe_customer_id: StripeCustomerId,
+    pub stripe_account: StripeAccount,
+    /// The generation of the PrepareLink this Link follows, if any.
+    pub prepared: Option<Generation>,
+}
 
 /// Marks the rows one Link call (or one import batch) inserts. An attempt
 /// that finds its pair already linked under its own token is looking at an
@@ -47,15 +57,19 @@ pub struct LinkWrite {
     /// time for an imported mapping.
     pub time: DateTime<Utc>,
     pub actor: Actor,
+    /// The generation of the PrepareLink this Link follows, if any: the
+    /// Link writes nothing unless the user is still at it.
+    pub prepared: Option<Generation>,
 }
 
 impl LinkWrite {
-    /// The user and the customer it links.
+    /// The user and the customer it links, in its account.
     pub fn keys(&self) -> [Key; 2] {
         let mapping = &self.mapping;
+        let account = &mapping.stripe_account;
         [
-            Key::User(mapping.user_id.clone()),
-            Key::Customer(mapping.stripe_customer_id.clone()),
+            Key::user(account.clone(), mapping.user_id.clone()),
+            Key::customer(account.clone(), mapping.stripe_customer_id.clone()),
         ]
     }
 }
@@ -81,6 +95,9 @@ pub enum LinkAttempt {
     /// connection was lost (the next attempt, with the same token, finds
     /// out).
     Again,
+    /// The Link followed a preparation and the user has been unlinked
+    /// since: it is at this generation now. Nothing was written.
+    Stale(Generation),
 }
 
 /// Link's answer, decided from one attempt.
@@ -94,6 +111,8 @@ pub enum LinkOutcome {
     UserConflict(Mapping),
     /// The customer is linked to another user.
     CustomerConflict(Mapping),
+    /// The preparation is stale: the user is at this generation now.
+    Stale(Generation),
     /// No answer is justified yet: run the attempt again.
     Undecided,
 }
@@ -106,6 +125,7 @@ impl LinkAttempt {
         let holders = match self {
             LinkAttempt::Inserted(mapping) => return LinkOutcome::Created(mapping),
             LinkAttempt::Again => return LinkOutcome::Undecided,
+            LinkAttempt::Stale(now) => return LinkOutcome::Stale(now),
             LinkAttempt::Holders(holders) => holders,
         };
         let wanted = &write.mapping;
@@ -209,12 +229,13 @@ impl Hasher for PassThrough {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::{StripeCustomerId, UserId};
+    use crate::mapping::{StripeAccount, StripeCustomerId, UserId};
 
     fn mapping(user: &str, customer: &str) -> Mapping {
         Mapping {
             user_id: UserId::parse(user).expect("a user id"),
             stripe_customer_id: StripeCustomerId::parse(customer).expect("a customer id"),
+            stripe_account: StripeAccount::platform(),
             created_at: DateTime::UNIX_EPOCH,
         }
     }
@@ -225,6 +246,7 @@ mod tests {
             token: LinkToken::from_stored(token),
             time: DateTime::UNIX_EPOCH,
             actor: Actor::new(String::new(), String::new()),
+            prepared: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! What Unlink removes, and what its caller learns when it removes nothing.
 
-use super::{Error, Key, Mapping, StripeCustomerId, UserId};
+use super::{Error, Key, Mapping, Side, StripeAccount, StripeCustomerId, UserId};
 
 /// An Unlink: the mapping holding `key`; with `expected_counterpart` (the
 /// other side's id), only while it still pairs `key` with exactly that id.
@@ -9,23 +9,31 @@ use super::{Error, Key, Mapping, StripeCustomerId, UserId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unlink {
     key: Key,
-    expected_counterpart: Option<Key>,
+    expected_counterpart: Option<Side>,
 }
 
 impl Unlink {
     /// The mapping of `user`; with `expected`, only while it is that customer.
-    pub fn of_user(user: UserId, expected: Option<StripeCustomerId>) -> Self {
+    pub fn of_user(
+        account: StripeAccount,
+        user: UserId,
+        expected: Option<StripeCustomerId>,
+    ) -> Self {
         Self {
-            key: Key::User(user),
-            expected_counterpart: expected.map(Key::Customer),
+            key: Key::user(account, user),
+            expected_counterpart: expected.map(Side::Customer),
         }
     }
 
     /// The mapping of `customer`; with `expected`, only while it is that user.
-    pub fn of_customer(customer: StripeCustomerId, expected: Option<UserId>) -> Self {
+    pub fn of_customer(
+        account: StripeAccount,
+        customer: StripeCustomerId,
+        expected: Option<UserId>,
+    ) -> Self {
         Self {
-            key: Key::Customer(customer),
-            expected_counterpart: expected.map(Key::User),
+            key: Key::customer(account, customer),
+            expected_counterpart: expected.map(Side::User),
         }
     }
 
@@ -34,7 +42,7 @@ impl Unlink {
     }
 
     /// The other side's id a removed mapping must hold, if any.
-    pub fn expected_counterpart(&self) -> Option<&Key> {
+    pub fn expected_counterpart(&self) -> Option<&Side> {
         self.expected_counterpart.as_ref()
     }
 }

@@ -7,14 +7,15 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
-    #[sea_orm(unique)]
     pub user_id: String,
-    #[sea_orm(unique)]
     pub stripe_customer_id: String,
     pub created_at: DateTimeUtc,
     /// The Link call that created the row (see `store::link`); `None` for
     /// rows written otherwise.
     pub link_token: Option<i64>,
+    /// Empty for the platform's own account. Unique with `user_id`, and
+    /// with `stripe_customer_id`.
+    pub stripe_account: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

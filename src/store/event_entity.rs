@@ -15,6 +15,7 @@ pub struct Model {
     pub time: DateTimeUtc,
     pub caller: String,
     pub request_id: String,
+    pub stripe_account: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -15,7 +15,10 @@ mod rows;
 mod sqlite;
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -28,7 +31,10 @@ pub use feed::{FeedPage, FeedPosition};
 
 use crate::{
     config::DatabaseSettings,
-    mapping::{Actor, Event, Key, LinkAttempt, LinkWrite, ListCursor, Mapping, Unlink, Unlinked},
+    mapping::{
+        Actor, Event, Generation, Key, LinkAttempt, LinkWrite, ListCursor, Mapping, Prepared,
+        StripeAccount, Unlink, Unlinked,
+    },
     telemetry::{metrics::PoolStats, traces},
 };
 
@@ -102,6 +108,9 @@ struct Opened {
     backend: Backend,
     /// The deployment's id, once read.
     deployment: OnceLock<String>,
+    /// Whether the database is known to have Stripe accounts enabled
+    /// (`migration::accounts`); once they are, they stay.
+    accounts_enabled: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -138,6 +147,7 @@ impl Database {
         Ok(Self(Arc::new(Opened {
             backend,
             deployment: OnceLock::new(),
+            accounts_enabled: AtomicBool::new(false),
         })))
     }
 
@@ -252,8 +262,13 @@ impl Database {
     }
 
     /// One attempt at a Link. On PostgreSQL it shares its statement with
-    /// the Links queued with it when the server is busy.
+    /// the Links queued with it when the server is busy, unless it follows
+    /// a PrepareLink: then it goes alone, in a transaction of its own
+    /// (`postgres/link.rs`).
     pub async fn link(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
+        if let Some(prepared) = write.prepared {
+            return self.link_prepared(&write, prepared, until).await;
+        }
         match &self.0.backend {
             Backend::Postgres(db) => db.link(write, until).await,
             Backend::Sqlite(db) => match db.link(&[&write]).instrument(sqlite_span("link")).await {
@@ -268,8 +283,81 @@ impl Database {
     /// another statement holding several rows) cannot meet in one again.
     pub async fn link_again(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
         match &self.0.backend {
+            Backend::Postgres(_) if write.prepared.is_some() => self.link(write, until).await,
             Backend::Postgres(db) => db.link_alone(write, until).await,
             Backend::Sqlite(_) => self.link(write, until).await,
+        }
+    }
+
+    async fn link_prepared(
+        &self,
+        write: &LinkWrite,
+        prepared: Generation,
+        until: Instant,
+    ) -> Result<LinkAttempt, DbErr> {
+        let span = traces::statement_span("link_prepared", self.system());
+        match &self.0.backend {
+            Backend::Postgres(db) => {
+                db.link_prepared(write, prepared, until)
+                    .instrument(span)
+                    .await
+            }
+            Backend::Sqlite(db) => match db.link_prepared(write, prepared).instrument(span).await {
+                Ok(attempt) => Ok(attempt),
+                Err(err) => errors::attempt_after(err, until),
+            },
+        }
+    }
+
+    /// What a PrepareLink of `key` (a user's, in its account) finds: the
+    /// mapping, or else the user's generation, both at one instant. On
+    /// PostgreSQL it shares its statement like a Get.
+    pub async fn prepare(&self, key: &Key, until: Instant) -> Result<Prepared, DbErr> {
+        let found = match &self.0.backend {
+            Backend::Postgres(db) => match db.prepare(key, until).await? {
+                postgres::prepares::Found::Linked(row) => Ok(row),
+                postgres::prepares::Found::Unlinked(count) => Err(count),
+            },
+            Backend::Sqlite(db) => {
+                db.prepare(key)
+                    .instrument(sqlite_span("prepare_link"))
+                    .await?
+            }
+        };
+        match found {
+            Ok(row) => rows::mapping(&row).map(Prepared::Linked),
+            Err(count) => Generation::new(count)
+                .map(Prepared::Unlinked)
+                .ok_or_else(|| DbErr::Type(format!("a negative generation: {count}"))),
+        }
+    }
+
+    /// Whether mappings of connected accounts may be written: on
+    /// PostgreSQL, once the upgrade's last step has run
+    /// (`migration::accounts`). Asked again until it has.
+    pub async fn accounts_enabled(&self, until: Instant) -> Result<bool, DbErr> {
+        if self.0.accounts_enabled.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let enabled = match &self.0.backend {
+            Backend::Postgres(db) => db.accounts_enabled(until).await?,
+            Backend::Sqlite(_) => true,
+        };
+        if enabled {
+            self.0.accounts_enabled.store(true, Ordering::Release);
+        }
+        Ok(enabled)
+    }
+
+    /// Runs the upgrade's last step (`migration::accounts`), by `timeout`.
+    pub async fn enable_accounts(&self, timeout: Duration) -> Result<(), Failure> {
+        let until = Instant::now() + timeout;
+        match &self.0.backend {
+            Backend::Postgres(db) => db
+                .enable_accounts(until)
+                .await
+                .map_err(|err| Failure::new("enabling Stripe accounts", err)),
+            Backend::Sqlite(_) => Ok(()),
         }
     }
 
@@ -329,15 +417,16 @@ impl Database {
     }
 
     /// Up to `limit` mappings after `after`, oldest first, each with its
-    /// place in the order.
+    /// place in the order; only those of `account` when given.
     pub async fn list(
         &self,
+        account: Option<&StripeAccount>,
         after: Option<ListCursor>,
         limit: u64,
         until: Instant,
     ) -> Result<Vec<(Mapping, ListCursor)>, DbErr> {
         let rows = self
-            .all("list", queries::list_page(after, limit), until)
+            .all("list", queries::list_page(account, after, limit), until)
             .await?;
         rows.iter()
             .map(|row| Ok((rows::mapping(row)?, rows::list_cursor(row))))

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::mapping::{
     Actor, Event, EventKind, Holder, InvalidId, LinkAttempt, LinkToken, LinkWrite, ListCursor,
-    Mapping, StripeCustomerId, UserId,
+    Mapping, StripeAccount, StripeCustomerId, UserId,
 };
 
 /// `mapping_events.kind` of a Link that created its mapping.
@@ -34,18 +34,21 @@ fn corrupt(what: &str, id: i64, why: impl std::fmt::Display) -> DbErr {
     DbErr::Type(format!("stored {what} {id} is invalid: {why}"))
 }
 
-fn parse_mapping(
-    what: &str,
-    id: i64,
-    user_id: &str,
-    stripe_customer_id: &str,
+/// A mapping's columns, as an event or a mapping row stores them.
+struct Stored<'a> {
+    user_id: &'a str,
+    stripe_customer_id: &'a str,
+    stripe_account: &'a str,
     created_at: DateTime<Utc>,
-) -> Result<Mapping, DbErr> {
+}
+
+fn parse_mapping(what: &str, id: i64, stored: Stored<'_>) -> Result<Mapping, DbErr> {
     let invalid = |e: InvalidId| corrupt(what, id, e);
     Ok(Mapping {
-        user_id: UserId::parse(user_id).map_err(invalid)?,
-        stripe_customer_id: StripeCustomerId::parse(stripe_customer_id).map_err(invalid)?,
-        created_at,
+        user_id: UserId::parse(stored.user_id).map_err(invalid)?,
+        stripe_customer_id: StripeCustomerId::parse(stored.stripe_customer_id).map_err(invalid)?,
+        stripe_account: StripeAccount::parse(stored.stripe_account).map_err(invalid)?,
+        created_at: stored.created_at,
     })
 }
 
@@ -53,9 +56,12 @@ pub(super) fn mapping(row: &MappingRow) -> Result<Mapping, DbErr> {
     parse_mapping(
         "mapping",
         row.id,
-        &row.user_id,
-        &row.stripe_customer_id,
-        row.created_at,
+        Stored {
+            user_id: &row.user_id,
+            stripe_customer_id: &row.stripe_customer_id,
+            stripe_account: &row.stripe_account,
+            created_at: row.created_at,
+        },
     )
 }
 
@@ -91,9 +97,12 @@ pub(super) fn event(row: EventRow) -> Result<Event, DbErr> {
         mapping: parse_mapping(
             "event",
             row.sequence,
-            &row.user_id,
-            &row.stripe_customer_id,
-            row.mapping_created_at,
+            Stored {
+                user_id: &row.user_id,
+                stripe_customer_id: &row.stripe_customer_id,
+                stripe_account: &row.stripe_account,
+                created_at: row.mapping_created_at,
+            },
         )?,
         time: row.time,
         caller: row.caller,
@@ -109,6 +118,7 @@ pub(super) fn new_mapping(write: &LinkWrite) -> entity::ActiveModel {
         stripe_customer_id: Set(mapping.stripe_customer_id.as_str().to_owned()),
         created_at: Set(mapping.created_at),
         link_token: Set(Some(write.token.stored())),
+        stripe_account: Set(mapping.stripe_account.as_str().to_owned()),
         ..Default::default()
     }
 }
@@ -129,41 +139,48 @@ pub(super) fn new_event(
         time: Set(time),
         caller: Set(actor.caller.clone()),
         request_id: Set(actor.request_id.clone()),
+        stripe_account: Set(mapping.stripe_account.clone()),
         ..Default::default()
     }
 }
 
 /// Each Link's attempt, from what one statement (or transaction) for all
 /// of them found: the rows it inserted, and the rows holding the user or
-/// the customer of a Link it did not insert. No two Links share a key, so
-/// each row belongs to the Links whose user or customer it holds.
+/// the customer of a Link it did not insert, in its account. No two Links
+/// share a key, so each row belongs to the Links whose user or customer it
+/// holds in their account.
 pub(super) fn attempts(
     writes: &[&LinkWrite],
     inserted: Vec<MappingRow>,
     holders: &[MappingRow],
 ) -> Result<Vec<LinkAttempt>, DbErr> {
-    let mut inserted: HashMap<String, MappingRow> = inserted
+    let mut inserted: HashMap<(String, String), MappingRow> = inserted
         .into_iter()
-        .map(|row| (row.user_id.clone(), row))
+        .map(|row| ((row.stripe_account.clone(), row.user_id.clone()), row))
         .collect();
-    let by_user: HashMap<&str, &MappingRow> = holders
+    let by_user: HashMap<(&str, &str), &MappingRow> = holders
         .iter()
-        .map(|row| (row.user_id.as_str(), row))
+        .map(|row| ((row.stripe_account.as_str(), row.user_id.as_str()), row))
         .collect();
-    let by_customer: HashMap<&str, &MappingRow> = holders
+    let by_customer: HashMap<(&str, &str), &MappingRow> = holders
         .iter()
-        .map(|row| (row.stripe_customer_id.as_str(), row))
+        .map(|row| {
+            let key = (row.stripe_account.as_str(), row.stripe_customer_id.as_str());
+            (key, row)
+        })
         .collect();
     writes
         .iter()
         .map(|write| {
             let wanted = &write.mapping;
-            if let Some(row) = inserted.remove(wanted.user_id.as_str()) {
+            let account = wanted.stripe_account.as_str();
+            let user_key = (account.to_owned(), wanted.user_id.as_str().to_owned());
+            if let Some(row) = inserted.remove(&user_key) {
                 return Ok(LinkAttempt::Inserted(mapping(&row)?));
             }
-            let user = by_user.get(wanted.user_id.as_str()).copied();
+            let user = by_user.get(&(account, wanted.user_id.as_str())).copied();
             let customer = by_customer
-                .get(wanted.stripe_customer_id.as_str())
+                .get(&(account, wanted.stripe_customer_id.as_str()))
                 .copied()
                 .filter(|row| user.is_none_or(|user| user.id != row.id));
             let found = user.into_iter().chain(customer).map(holder);
@@ -183,16 +200,27 @@ mod tests {
             stripe_customer_id: customer.to_owned(),
             created_at: DateTime::UNIX_EPOCH,
             link_token: None,
+            stripe_account: String::new(),
         }
     }
 
     fn write(user: &str, customer: &str) -> LinkWrite {
         LinkWrite {
-            mapping: parse_mapping("mapping", 0, user, customer, DateTime::UNIX_EPOCH)
-                .expect("valid ids"),
+            mapping: parse_mapping(
+                "mapping",
+                0,
+                Stored {
+                    user_id: user,
+                    stripe_customer_id: customer,
+                    stripe_account: "",
+                    created_at: DateTime::UNIX_EPOCH,
+                },
+            )
+            .expect("valid ids"),
             token: LinkToken::from_stored(0),
             time: DateTime::UNIX_EPOCH,
             actor: Actor::new(String::new(), String::new()),
+            prepared: None,
         }
     }
 
@@ -204,6 +232,7 @@ mod tests {
                 .map(|h| format!("{}:{}", h.mapping.user_id, h.mapping.stripe_customer_id))
                 .collect(),
             LinkAttempt::Again => vec!["again".into()],
+            LinkAttempt::Stale(_) => vec!["stale".into()],
         }
     }
 

@@ -14,8 +14,8 @@ use std::{collections::HashSet, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, EntityTrait, QueryFilter, QueryTrait, SqliteTransactionMode, TransactionOptions,
+    ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryTrait, SqliteTransactionMode, TransactionOptions,
     TransactionTrait, sea_query::OnConflict,
 };
 use tokio::sync::{Mutex, MutexGuard};
@@ -28,7 +28,7 @@ use super::{
     queries, rows,
 };
 use crate::config::DatabaseSettings;
-use crate::mapping::{Actor, EventKind, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
+use crate::mapping::{Actor, EventKind, Generation, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
 
 /// Rows per multi-row statement (SQLite takes at most 32,766 parameters;
 /// an event row has seven). Larger statements are no faster and SQLite
@@ -101,31 +101,55 @@ impl Db {
 
     pub async fn get(&self, key: &Key) -> Result<Option<Model>, DbErr> {
         StripeCustomers::find()
-            .filter(queries::column(key).eq(queries::value(key)))
+            .filter(queries::holding(key))
             .one(&self.conn)
             .await
+    }
+
+    /// The mapping holding `key` (a user's), or else the user's generation,
+    /// in one read transaction (one snapshot).
+    pub async fn prepare(&self, key: &Key) -> Result<Result<Model, i64>, DbErr> {
+        let txn = self.conn.begin().await?;
+        let found = match StripeCustomers::find()
+            .filter(queries::holding(key))
+            .one(&txn)
+            .await?
+        {
+            Some(row) => Ok(row),
+            None => Err(generation(&txn, key).await?),
+        };
+        txn.commit().await?;
+        Ok(found)
     }
 
     /// Links `writes` (no two sharing a key) in one transaction: each
     /// Link's attempt, in order.
     pub async fn link(&self, writes: &[&LinkWrite]) -> Result<Vec<LinkAttempt>, DbErr> {
         let (_turn, txn) = self.begin_write().await?;
-        let (mut inserted, mut holders) = (Vec::new(), Vec::new());
-        for chunk in writes.chunks(ROWS_PER_STATEMENT) {
-            let created = insert_with_events(&txn, chunk).await?;
-            let done: HashSet<&str> = created.iter().map(|row| row.user_id.as_str()).collect();
-            let pending: Vec<Key> = chunk
-                .iter()
-                .filter(|w| !done.contains(w.mapping.user_id.as_str()))
-                .flat_map(|w| w.keys())
-                .collect();
-            if !pending.is_empty() {
-                holders.extend(queries::holding_any(&pending).all(&txn).await?);
-            }
-            inserted.extend(created);
-        }
+        let attempts = link_in(&txn, writes).await?;
         txn.commit().await?;
-        rows::attempts(writes, inserted, &holders)
+        Ok(attempts)
+    }
+
+    /// A Link after a PrepareLink at `prepared`: written only while the
+    /// user is still at that generation. Writers take turns, so nothing
+    /// can unlink the user between the count and the commit.
+    pub async fn link_prepared(
+        &self,
+        write: &LinkWrite,
+        prepared: Generation,
+    ) -> Result<LinkAttempt, DbErr> {
+        let (_turn, txn) = self.begin_write().await?;
+        let key = &write.keys()[0];
+        let current = generation(&txn, key).await?;
+        let current = Generation::new(current)
+            .ok_or_else(|| DbErr::Type(format!("a negative generation: {current}")))?;
+        if current != prepared {
+            return Ok(LinkAttempt::Stale(current));
+        }
+        let attempt = link_in(&txn, &[write]).await?;
+        txn.commit().await?;
+        Ok(attempt.into_iter().next().unwrap_or(LinkAttempt::Again))
     }
 
     /// Up to `limit` events after sequence `after` (up to `up_to` when
@@ -195,9 +219,9 @@ impl Db {
     ) -> Result<Unlinked, DbErr> {
         let (_turn, txn) = self.begin_write().await?;
         let key = unlink.key();
-        let mut only = Condition::all().add(queries::column(key).eq(queries::value(key)));
+        let mut only = queries::holding(key);
         if let Some(counterpart) = unlink.expected_counterpart() {
-            only = only.add(queries::column(counterpart).eq(queries::value(counterpart)));
+            only = only.add(queries::column(counterpart).eq(counterpart.as_str()));
         }
         let mut deleted = StripeCustomers::delete_many()
             .filter(only)
@@ -214,7 +238,7 @@ impl Db {
             }
             None if unlink.expected_counterpart().is_some() => {
                 let holder = StripeCustomers::find()
-                    .filter(queries::column(key).eq(queries::value(key)))
+                    .filter(queries::holding(key))
                     .one(&txn)
                     .await?;
                 match holder {
@@ -227,6 +251,47 @@ impl Db {
         txn.commit().await?;
         Ok(found)
     }
+}
+
+/// Each Link's attempt at `writes` (no two sharing a key), inside `txn`.
+async fn link_in(
+    txn: &DatabaseTransaction,
+    writes: &[&LinkWrite],
+) -> Result<Vec<LinkAttempt>, DbErr> {
+    let (mut inserted, mut holders) = (Vec::new(), Vec::new());
+    for chunk in writes.chunks(ROWS_PER_STATEMENT) {
+        let created = insert_with_events(txn, chunk).await?;
+        let done: HashSet<(&str, &str)> = created
+            .iter()
+            .map(|row| (row.stripe_account.as_str(), row.user_id.as_str()))
+            .collect();
+        let pending: Vec<Key> = chunk
+            .iter()
+            .filter(|w| {
+                let mapping = &w.mapping;
+                !done.contains(&(mapping.stripe_account.as_str(), mapping.user_id.as_str()))
+            })
+            .flat_map(|w| w.keys())
+            .collect();
+        if !pending.is_empty() {
+            holders.extend(queries::holding_any(&pending).all(txn).await?);
+        }
+        inserted.extend(created);
+    }
+    rows::attempts(writes, inserted, &holders)
+}
+
+/// How many times `key`'s user was unlinked in its account.
+async fn generation(txn: &DatabaseTransaction, key: &Key) -> Result<i64, DbErr> {
+    use event_entity::Column as Event;
+    use sea_orm::PaginatorTrait;
+    MappingEvents::find()
+        .filter(Event::UserId.eq(key.side.as_str()))
+        .filter(Event::StripeAccount.eq(key.account.as_str()))
+        .filter(Event::Kind.eq(rows::kind_code(EventKind::Unlinked)))
+        .count(txn)
+        .await
+        .map(|count| i64::try_from(count).unwrap_or(i64::MAX))
 }
 
 /// Inserts `writes` unless either key is taken, with the event of each row
@@ -253,12 +318,18 @@ async fn insert_with_events(
         return Ok(inserted);
     }
     // Each row's event carries its own Link's time and author.
-    let by_user: std::collections::HashMap<&str, &LinkWrite> = writes
+    let by_user: std::collections::HashMap<(&str, &str), &LinkWrite> = writes
         .iter()
-        .map(|w| (w.mapping.user_id.as_str(), *w))
+        .map(|w| {
+            let mapping = &w.mapping;
+            (
+                (mapping.stripe_account.as_str(), mapping.user_id.as_str()),
+                *w,
+            )
+        })
         .collect();
     let events = inserted.iter().filter_map(|row| {
-        let write = by_user.get(row.user_id.as_str())?;
+        let write = by_user.get(&(row.stripe_account.as_str(), row.user_id.as_str()))?;
         Some(rows::new_event(
             EventKind::Linked,
             row,

@@ -236,7 +236,7 @@ macro_rules! feed_sql {
         concat!(
             "WITH snap AS (SELECT COALESCE($1::text::pg_snapshot, pg_current_snapshot()) AS s)
 SELECT snap.s::text AS snapshot, e.sequence, e.kind, e.user_id, e.stripe_customer_id,
-       e.mapping_created_at, e.time, e.caller, e.request_id
+       e.mapping_created_at, e.time, e.caller, e.request_id, e.stripe_account
 FROM snap LEFT JOIN LATERAL (
     SELECT * FROM mapping_events
     WHERE ",

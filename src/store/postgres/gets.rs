@@ -1,12 +1,17 @@
 //! Gets: one lane per side (user, customer). A shared read is one
-//! statement, `WHERE key = ANY($1)`, for every Get queued while the lane
-//! was busy. A Get's answer is whatever its statement's snapshot held for
+//! statement, `WHERE side = ANY($1) AND stripe_account = ANY($2)`, for
+//! every Get queued while the lane was busy; each takes the row of its own
+//! key from what it finds. A Get's answer is whatever its statement's snapshot held for
 //! its key, so the lane's argument (`lane.rs`) is all there is to it.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use sea_orm::{
-    ColumnTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryTrait,
+    Condition, DbBackend, DbErr, EntityTrait, QueryFilter, QueryTrait,
     sea_query::{Expr, ExprTrait, extension::postgres::PgFunc},
 };
 use tokio::time::Instant;
@@ -17,7 +22,7 @@ use super::{
     pool::Pool,
 };
 use crate::{
-    mapping::Key,
+    mapping::{Key, Side},
     store::{
         entity::{Column, Entity as StripeCustomers, Model},
         queries,
@@ -42,11 +47,11 @@ impl Gets {
 
     /// The row holding `key`.
     pub async fn get(&self, key: &Key, until: Instant) -> Result<Option<Model>, DbErr> {
-        let lane = match key {
-            Key::User(_) => &self.by_user,
-            Key::Customer(_) => &self.by_customer,
+        let lane = match key.side {
+            Side::User(_) => &self.by_user,
+            Side::Customer(_) => &self.by_customer,
         };
-        lane.call(queries::value(key).to_owned(), until).await
+        lane.call(key.clone(), until).await
     }
 
     /// See [`Lane::kick`].
@@ -71,16 +76,18 @@ impl Get {
         }
     }
 
-    fn value_of(self, row: &Model) -> &str {
-        match self {
+    /// The row's key on this side: (account, id).
+    fn key_of(self, row: &Model) -> (&str, &str) {
+        let id = match self {
             Get::ByUser => &row.user_id,
             Get::ByCustomer => &row.stripe_customer_id,
-        }
+        };
+        (&row.stripe_account, id)
     }
 }
 
 impl Work for Get {
-    type Request = String;
+    type Request = Key;
     type Answer = Option<Model>;
 
     /// Every queued Get of the side: a read takes no lock.
@@ -93,7 +100,7 @@ impl Work for Get {
         }
     }
 
-    fn keys(_: &String) -> Option<(&str, &str)> {
+    fn keys(_: &Key) -> Option<(&str, &str)> {
         None
     }
 
@@ -101,15 +108,23 @@ impl Work for Get {
         let Some(until) = batch.iter().map(|call| call.until).max() else {
             return;
         };
-        let mut values: Vec<&str> = batch.iter().map(|call| call.request.as_str()).collect();
-        values.sort_unstable();
-        values.dedup();
-        let filter = if let [value] = values.as_slice() {
+        let filter = if let [call] = batch.as_slice() {
             // A lone Get's statement, prepared once per connection.
-            self.column().eq(*value)
+            queries::holding(&call.request)
         } else {
-            let values: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-            Expr::col((StripeCustomers, self.column())).eq(PgFunc::any(Expr::val(values)))
+            let any = |values: BTreeSet<&str>| {
+                let values: Vec<String> = values.into_iter().map(str::to_owned).collect();
+                PgFunc::any(Expr::val(values))
+            };
+            let ids = batch.iter().map(|call| call.request.side.as_str());
+            let accounts = batch.iter().map(|call| call.request.account.as_str());
+            // Every row of these ids in these accounts: each Get picks its
+            // own below.
+            Condition::all()
+                .add(Expr::col((StripeCustomers, self.column())).eq(any(ids.collect())))
+                .add(
+                    Expr::col((StripeCustomers, Column::StripeAccount)).eq(any(accounts.collect())),
+                )
         };
         let stmt = StripeCustomers::find()
             .filter(filter)
@@ -123,10 +138,12 @@ impl Work for Get {
         .await;
         match rows {
             Ok(rows) => {
-                let by_value: HashMap<&str, &Model> =
-                    rows.iter().map(|row| (self.value_of(row), row)).collect();
+                let by_key: HashMap<(&str, &str), &Model> =
+                    rows.iter().map(|row| (self.key_of(row), row)).collect();
                 for call in batch {
-                    let row = by_value.get(call.request.as_str()).map(|&row| row.clone());
+                    let key = &call.request;
+                    let wanted = (key.account.as_str(), key.side.as_str());
+                    let row = by_key.get(&wanted).map(|&row| row.clone());
                     call.answer(Ok(row));
                 }
             }

@@ -11,6 +11,7 @@ mod link;
 mod links;
 mod migration_lock;
 mod pool;
+pub(super) mod prepares;
 
 use std::time::Duration;
 
@@ -25,14 +26,15 @@ use tokio::time::Instant;
 use super::{
     MIGRATION_TIMEOUT,
     entity::Model,
-    errors::{attempts_after, standby, timed_out},
+    errors::{attempt_after, attempts_after, standby, timed_out},
     event_entity::Model as EventRow,
 };
 use crate::config::DatabaseSettings;
-use crate::mapping::{Actor, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
+use crate::mapping::{Actor, Generation, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
 use gets::Gets;
 use links::Links;
 use pool::Pool;
+use prepares::{Found, Prepares};
 
 /// The service's PostgreSQL connections, and the Gets and Links coalesced
 /// over them.
@@ -41,6 +43,7 @@ pub(super) struct Db {
     pool: Pool,
     gets: Gets,
     links: Links,
+    prepares: Prepares,
 }
 
 impl Db {
@@ -81,6 +84,7 @@ impl Db {
         Ok(Self {
             gets: Gets::new(&pool, options.database_stall_timeout),
             links: Links::new(&pool, options.database_stall_timeout),
+            prepares: Prepares::new(&pool, options.database_stall_timeout),
             pool,
         })
     }
@@ -140,6 +144,7 @@ impl Db {
         self.pool.forget_connections();
         self.gets.kick();
         self.links.kick();
+        self.prepares.kick();
     }
 
     pub fn stats(&self) -> (u32, u32) {
@@ -160,6 +165,64 @@ impl Db {
 
     pub async fn link_alone(&self, write: LinkWrite, until: Instant) -> Result<LinkAttempt, DbErr> {
         self.links.link_alone(write, until).await
+    }
+
+    /// A Link after a PrepareLink at `prepared`, alone in its transaction.
+    pub async fn link_prepared(
+        &self,
+        write: &LinkWrite,
+        prepared: Generation,
+        until: Instant,
+    ) -> Result<LinkAttempt, DbErr> {
+        let conn = self.pool.acquire(until).await?;
+        link::link_prepared(conn, write, prepared, until)
+            .await
+            .or_else(|err| attempt_after(err, until))
+    }
+
+    pub async fn prepare(&self, key: &Key, until: Instant) -> Result<Found, DbErr> {
+        self.prepares
+            .prepare(key.side.as_str(), key.account.as_str(), until)
+            .await
+    }
+
+    /// Whether the upgrade's last step has run (`migration::accounts`).
+    pub async fn accounts_enabled(&self, until: Instant) -> Result<bool, DbErr> {
+        self.scalar(
+            migration::accounts::ENABLED_SQL,
+            "reading the schema",
+            until,
+        )
+        .await
+    }
+
+    /// Runs the upgrade's last step (`migration::accounts`).
+    pub async fn enable_accounts(&self, until: Instant) -> Result<(), DbErr> {
+        let mut conn = self.pool.acquire(until).await?;
+        conn.bounded(until, "enabling Stripe accounts", async |conn| {
+            sqlx::raw_sql(migration::accounts::ENABLE_SQL)
+                .execute(conn)
+                .await
+        })
+        .await?;
+        conn.release();
+        Ok(())
+    }
+
+    async fn scalar(
+        &self,
+        sql: &'static str,
+        what: &'static str,
+        until: Instant,
+    ) -> Result<bool, DbErr> {
+        let mut conn = self.pool.acquire(until).await?;
+        let value = conn
+            .bounded(until, what, async |conn| {
+                sqlx::query_scalar(sql).fetch_one(conn).await
+            })
+            .await?;
+        conn.release();
+        Ok(value)
     }
 
     /// Links `writes` (no two sharing a key) in one statement: an import's
