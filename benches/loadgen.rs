@@ -52,7 +52,7 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use customer_mapping::proto::{
-    GetRequest, LinkRequest, UnlinkRequest, WatchRequest,
+    GetRequest, LinkRequest, PrepareLinkRequest, UnlinkRequest, WatchRequest,
     customer_mapping_client::CustomerMappingClient, get_request, unlink_request,
 };
 use hdrhistogram::Histogram;
@@ -156,6 +156,9 @@ enum Scenario {
     LinkConflict,
     /// 90% get, 5% link-new, 5% unlink then relink.
     Mixed,
+    /// PrepareLink: half of linked users (the mapping), half of users
+    /// never linked (a creation). Its direct-SQL bar is a Get by user.
+    Prepare,
 }
 
 #[derive(Debug, Parser)]
@@ -163,7 +166,7 @@ enum Scenario {
 struct Args {
     #[arg(long, value_enum, num_args = 1.., default_values_t = [Db::Postgres, Db::Sqlite])]
     database: Vec<Db>,
-    #[arg(long, value_enum, num_args = 1.., default_values_t = [Scenario::Get, Scenario::LinkNew, Scenario::LinkReplay, Scenario::LinkConflict, Scenario::Mixed])]
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [Scenario::Get, Scenario::LinkNew, Scenario::LinkReplay, Scenario::LinkConflict, Scenario::Mixed, Scenario::Prepare])]
     scenario: Vec<Scenario>,
     /// Requests in flight (one list entry per run).
     #[arg(long, num_args = 1.., default_values_t = [32])]
@@ -730,6 +733,7 @@ enum Op {
     Link(String, String),
     /// Unlink by user, then Link the same pair again.
     Relink(String, String),
+    Prepare(String),
 }
 
 impl Op {
@@ -769,6 +773,14 @@ impl Op {
                     Op::Relink(format!("user-{i}"), format!("cus_{i}"))
                 }
             },
+            Scenario::Prepare => {
+                let i = existing(rng);
+                Op::Prepare(if rng.random_bool(0.5) {
+                    format!("user-{i}")
+                } else {
+                    format!("unlinked-{i}")
+                })
+            }
         }
     }
 
@@ -783,6 +795,7 @@ impl Op {
                 client
                     .get(GetRequest {
                         key: Some(get_request::Key::UserId(u)),
+                        ..Default::default()
                     })
                     .await
                     .map(drop),
@@ -791,6 +804,7 @@ impl Op {
                 client
                     .get(GetRequest {
                         key: Some(get_request::Key::StripeCustomerId(c)),
+                        ..Default::default()
                     })
                     .await
                     .map(drop),
@@ -800,6 +814,7 @@ impl Op {
                     .link(LinkRequest {
                         user_id: u,
                         stripe_customer_id: c,
+                        ..Default::default()
                     })
                     .await
                     .map(drop),
@@ -816,18 +831,28 @@ impl Op {
                         .link(LinkRequest {
                             user_id: u,
                             stripe_customer_id: c,
+                            ..Default::default()
                         })
                         .await
                         .map(drop),
                 )
             }
+            Op::Prepare(u) => code(
+                client
+                    .prepare_link(PrepareLinkRequest {
+                        user_id: u,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+            ),
         }
     }
 
     /// The same work as the service does, as SQL straight to the database.
     async fn via_sql(self, pool: &Pool) -> String {
         let result = match self {
-            Op::GetByUser(u) => sql_get(pool, GET_BY_USER, &u).await,
+            Op::GetByUser(u) | Op::Prepare(u) => sql_get(pool, GET_BY_USER, &u).await,
             Op::GetByCustomer(c) => sql_get(pool, GET_BY_CUSTOMER, &c).await,
             Op::Link(u, c) => sql_link(pool, &u, &c).await,
             Op::Relink(u, c) => match sql_unlink(pool, &u).await {

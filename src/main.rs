@@ -23,7 +23,7 @@ async fn main() -> std::process::ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings).await,
-        Command::Migrate => startup::migrate(&cli.settings.database).await,
+        Command::Migrate(args) => startup::migrate(&cli.settings.database, &args).await,
         Command::Import(args) => {
             tracing::info!(
                 database = %cli.settings.database.redacted_url(),

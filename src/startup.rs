@@ -17,7 +17,7 @@ use tonic::{
 
 use crate::{
     auth::Authorizer,
-    config::{DatabaseSettings, Settings},
+    config::{DatabaseSettings, MigrateArgs, Settings},
     grpc::{
         CustomerMappingServer, CustomerMappingService, Guard, limits::request_size_layer,
         reflection_interceptor,
@@ -40,6 +40,10 @@ const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long closing the pool may take at shutdown.
 const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the upgrade's last step may take besides connecting: dropping
+/// two constraints, whose lock waits 5 s at most.
+const ENABLE_ACCOUNTS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest header block a request may send (metadata is a few hundred
 /// bytes; this leaves room for tracing headers and a token).
@@ -148,7 +152,11 @@ impl Application {
         );
         main.add_service(
             CustomerMappingServer::new(CustomerMappingService::new(
-                Mappings::new(store.clone(), changes),
+                Mappings::new(
+                    store.clone(),
+                    changes,
+                    settings.stripe_idempotency_namespace.clone(),
+                ),
                 feed.clone(),
                 guard,
             ))
@@ -504,8 +512,13 @@ async fn plaintext(tcp: tokio::net::TcpStream) -> std::io::Result<tokio::net::Tc
 }
 
 /// Applies pending migrations and returns (the `migrate` subcommand).
-pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
+pub async fn migrate(settings: &DatabaseSettings, args: &MigrateArgs) -> anyhow::Result<()> {
     let db = Database::open(settings, Migrations::Apply).await?;
+    if args.enable_stripe_accounts {
+        db.enable_accounts(settings.database_connect_timeout + ENABLE_ACCOUNTS_TIMEOUT)
+            .await?;
+        tracing::info!("Stripe accounts are enabled");
+    }
     db.close(POOL_CLOSE_TIMEOUT)
         .await
         .context("closing the database pool")?;

@@ -23,6 +23,7 @@ use policy::{Entry, Policy};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Rpc {
     Link,
+    PrepareLink,
     Get,
     Unlink,
     BatchGet,
@@ -35,8 +36,9 @@ impl Rpc {
     /// Every RPC, in the proto's order: the one list that authorization,
     /// decoding, the fuzz target and the tests iterate (a unit test checks it
     /// against the compiled proto, so a new RPC can't be left out).
-    pub const ALL: [Rpc; 7] = [
+    pub const ALL: [Rpc; 8] = [
         Rpc::Link,
+        Rpc::PrepareLink,
         Rpc::Get,
         Rpc::Unlink,
         Rpc::BatchGet,
@@ -49,6 +51,7 @@ impl Rpc {
     pub fn name(self) -> &'static str {
         match self {
             Rpc::Link => "Link",
+            Rpc::PrepareLink => "PrepareLink",
             Rpc::Get => "Get",
             Rpc::Unlink => "Unlink",
             Rpc::BatchGet => "BatchGet",

@@ -45,13 +45,25 @@ pub enum Command {
     /// Serve gRPC (the default).
     Serve,
     /// Apply pending database migrations and exit (for an init container).
-    Migrate,
+    Migrate(MigrateArgs),
     /// Bring existing mappings in, with Link's rules: from a CSV file or
     /// from the replaced application's own PostgreSQL table. Exits 0 when
     /// no row was refused, 1 when some were, 2 on bad arguments or an
     /// unreadable source, 3 when the target database failed, 130 when
     /// interrupted.
     Import(ImportArgs),
+}
+
+/// What `migrate` does besides applying the pending migrations.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MigrateArgs {
+    /// The upgrade's last step on PostgreSQL, once every replica runs this
+    /// release: lets mappings of connected Stripe accounts be written, by
+    /// dropping the previous release's uniqueness of users and customers
+    /// across accounts. No replica of an earlier release may serve the
+    /// database afterwards (README, "Upgrading").
+    #[arg(long)]
+    pub enable_stripe_accounts: bool,
 }
 
 /// Exit status of a refused configuration (clap's own, for usage errors).
@@ -258,6 +270,8 @@ mod tests {
             "reflection",
             "log_format",
             "otlp_endpoint",
+            "stripe_idempotency_namespace",
+            "enable_stripe_accounts",
             "csv",
             "from_database_url",
             "table",

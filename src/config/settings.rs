@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 
 use super::{Cli, DatabaseUrl, command};
+use crate::mapping::IdempotencyNamespace;
 
 /// What Kubernetes gives a pod between SIGTERM and SIGKILL unless told
 /// otherwise (`terminationGracePeriodSeconds`, also deploy/kubernetes'):
@@ -111,6 +112,14 @@ pub struct Settings {
     /// OpenTelemetry SDK defines them.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = otlp_endpoint, global = true)]
     pub otlp_endpoint: Option<url::Url>,
+
+    /// Makes PrepareLink's idempotency keys this deployment's own, for
+    /// example `billing-live`: 1 to 255 characters, no whitespace or
+    /// control characters. Unset: a random one, made when the database was
+    /// first used. Changing it changes every key: a customer prepared but
+    /// not yet linked is then created again.
+    #[arg(long, env = "STRIPE_IDEMPOTENCY_NAMESPACE", value_parser = idempotency_namespace, global = true)]
+    pub stripe_idempotency_namespace: Option<IdempotencyNamespace>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -217,11 +226,12 @@ pub struct AccessSettings {
     pub health_listen_addr: Option<SocketAddr>,
 }
 
-/// 1 MiB: the contract's largest valid request, a BatchGet of 1,000 user
-/// ids of 255 four-byte characters, is 1,026,000 bytes
-/// (`grpc::limits::largest_valid_request`). Any less and a caller keeping
-/// to the contract would be refused by a limit it was never told of.
-const MAX_REQUEST_BYTES_DEFAULT: usize = 1024 * 1024;
+/// 2 MiB: the contract's largest valid request, a BatchGet of 1,000 user
+/// ids of 255 four-byte characters, each in a connected account of the
+/// longest id, is 1,284,000 bytes (`grpc::limits::largest_valid_request`).
+/// Any less and a caller keeping to the contract would be refused by a
+/// limit it was never told of.
+const MAX_REQUEST_BYTES_DEFAULT: usize = 2 * 1024 * 1024;
 
 /// Bounds on what one caller, one connection or the whole server can make
 /// the service hold.
@@ -398,6 +408,17 @@ fn otlp_endpoint(raw: &str) -> Result<url::Url, String> {
     }
 }
 
+fn idempotency_namespace(raw: &str) -> Result<IdempotencyNamespace, String> {
+    let chars = raw.chars().count();
+    if !(1..=255).contains(&chars) || raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "expected 1 to 255 characters without whitespace or control characters, got {chars} \
+             characters"
+        ));
+    }
+    Ok(IdempotencyNamespace::new(raw))
+}
+
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
@@ -434,7 +455,7 @@ mod tests {
         );
         assert!(settings.database.migrate_on_start);
         assert_eq!(cli.settings.limits, settings.limits);
-        assert_eq!(settings.limits.max_request_bytes, 1024 * 1024);
+        assert_eq!(settings.limits.max_request_bytes, 2 * 1024 * 1024);
         assert_eq!(settings.health.health_probe_interval, secs(5));
         assert!(settings.access.reflection);
         assert!(settings.check_transport().is_ok());
@@ -513,7 +534,7 @@ mod tests {
         let distinct: std::collections::HashSet<_> = keys.iter().collect();
         assert_eq!(distinct.len(), keys.len());
         let size = largest.encoded_len();
-        assert_eq!(size, 1_026_000, "the figure the comments give");
+        assert_eq!(size, 1_284_000, "the figure the comments give");
         assert!(Settings::defaults().limits.max_request_bytes >= size);
         assert!(bounds::MAX_REQUEST_BYTES.max >= size);
     }

@@ -4,9 +4,10 @@
 use chrono::DateTime;
 
 use super::page_token::{self, Paged};
-use super::request::{customer_key, user_key};
+use super::request::{account, customer_id, missing_key, user_id};
 use crate::mapping::{
-    DEFAULT_PAGE_SIZE, Error, FieldViolation, Key, ListCursor, MAX_BATCH_KEYS, MAX_PAGE_SIZE,
+    DEFAULT_PAGE_SIZE, Error, FieldViolation, Key, ListCursor, MAX_BATCH_KEYS, MAX_PAGE_SIZE, Side,
+    StripeAccount,
 };
 use crate::proto::{self, BatchGetRequest, ListEventsRequest, ListRequest, MappingKey};
 
@@ -26,7 +27,7 @@ pub(super) fn batch_get_keys(request: &BatchGetRequest) -> Result<Vec<Key>, Erro
     for (i, key) in request.keys.iter().enumerate() {
         match mapping_key(&format!("keys[{i}]"), key) {
             Ok(key) => keys.push(key),
-            Err(violation) => violations.push(violation),
+            Err(found) => violations.extend(found),
         }
     }
     if violations.is_empty() {
@@ -36,19 +37,42 @@ pub(super) fn batch_get_keys(request: &BatchGetRequest) -> Result<Vec<Key>, Erro
     }
 }
 
-/// List's cursor (none for the first page) and page size.
-pub(super) fn list_arguments(request: &ListRequest) -> Result<(Option<ListCursor>, u64), Error> {
+/// What List asks for.
+pub(super) struct ListQuery {
+    pub account: Option<StripeAccount>,
+    pub after: Option<ListCursor>,
+    pub page_size: u64,
+}
+
+pub(super) fn list_arguments(request: &ListRequest) -> Result<ListQuery, Error> {
     let size = page_size(request.page_size);
-    let cursor = page_cursor(
-        Paged::Mappings,
-        &request.page_token,
-        b"",
-        decode_list_cursor,
-    );
-    match (size, cursor) {
-        (Ok(size), Ok(cursor)) => Ok((cursor, size)),
-        (size, cursor) => Err(Error::InvalidArgument(
-            [size.err(), cursor.err()].into_iter().flatten().collect(),
+    let filter = request
+        .stripe_account
+        .clone()
+        .map(|raw| account("stripe_account", raw))
+        .transpose();
+    // The token is bound to the filter it was made with; with a bad filter
+    // there is nothing to check it against.
+    let cursor = match &filter {
+        Ok(filter) => page_cursor(
+            Paged::Mappings,
+            &request.page_token,
+            &list_request(filter.as_ref()),
+            decode_list_cursor,
+        ),
+        Err(_) => Ok(None),
+    };
+    match (filter, size, cursor) {
+        (Ok(account), Ok(page_size), Ok(after)) => Ok(ListQuery {
+            account,
+            after,
+            page_size,
+        }),
+        (filter, size, cursor) => Err(Error::InvalidArgument(
+            [filter.err(), size.err(), cursor.err()]
+                .into_iter()
+                .flatten()
+                .collect(),
         )),
     }
 }
@@ -85,20 +109,32 @@ pub(super) fn list_events_arguments(request: &ListEventsRequest) -> Result<Event
             page_size,
         }),
         (key, size, cursor) => Err(Error::InvalidArgument(
-            [key.err(), size.err(), cursor.err()]
+            key.err()
                 .into_iter()
                 .flatten()
+                .chain([size.err(), cursor.err()].into_iter().flatten())
                 .collect(),
         )),
     }
 }
 
-/// The token that continues a List after `cursor`.
-pub(super) fn list_token(cursor: ListCursor) -> String {
+/// The token that continues a List of `account` (every account when
+/// `None`) after `cursor`.
+pub(super) fn list_token(account: Option<&StripeAccount>, cursor: ListCursor) -> String {
     let mut bytes = Vec::with_capacity(16);
     bytes.extend_from_slice(&cursor.created_at.timestamp_micros().to_be_bytes());
     bytes.extend_from_slice(&cursor.id.to_be_bytes());
-    page_token::encode(Paged::Mappings, &bytes, b"")
+    page_token::encode(Paged::Mappings, &bytes, &list_request(account))
+}
+
+/// What a List token is bound to besides its cursor: nothing without a
+/// filter (as before accounts, so tokens of the previous release stay
+/// valid).
+fn list_request(account: Option<&StripeAccount>) -> Vec<u8> {
+    match account {
+        None => Vec::new(),
+        Some(account) => [b"a\0", account.as_str().as_bytes()].concat(),
+    }
 }
 
 /// The token that continues a ListEvents for `key` after `sequence`.
@@ -106,29 +142,49 @@ pub(super) fn events_token(key: Option<&Key>, sequence: i64) -> String {
     page_token::encode(Paged::Events, &sequence.to_be_bytes(), &events_request(key))
 }
 
-/// What a ListEvents token is bound to besides its cursor.
+/// What a ListEvents token is bound to besides its cursor: the key, and
+/// its account unless it is the platform's (as before accounts, so tokens
+/// of the previous release stay valid).
 fn events_request(key: Option<&Key>) -> Vec<u8> {
-    match key {
-        None => Vec::new(),
-        Some(Key::User(id)) => [b"u\0", id.as_str().as_bytes()].concat(),
-        Some(Key::Customer(id)) => [b"c\0", id.as_str().as_bytes()].concat(),
+    let Some(key) = key else {
+        return Vec::new();
+    };
+    let side: &[u8] = match key.side {
+        Side::User(_) => b"u\0",
+        Side::Customer(_) => b"c\0",
+    };
+    let mut bound = [side, key.side.as_str().as_bytes()].concat();
+    if !key.account.is_platform() {
+        bound.extend_from_slice(b"\0a\0");
+        bound.extend_from_slice(key.account.as_str().as_bytes());
     }
+    bound
 }
 
-fn mapping_key(path: &str, key: &MappingKey) -> Result<Key, FieldViolation> {
+/// A key of a BatchGet or a ListEvents; violations named under `path`.
+/// Both the side and the account are checked, so every mistake is told.
+fn mapping_key(path: &str, key: &MappingKey) -> Result<Key, Vec<FieldViolation>> {
     let named = |violation: FieldViolation| FieldViolation {
         field: format!("{path}.{}", violation.field).into(),
         ..violation
     };
-    match &key.key {
-        Some(proto::mapping_key::Key::UserId(id)) => user_key(id.clone()).map_err(named),
+    let side = match &key.key {
+        Some(proto::mapping_key::Key::UserId(id)) => user_id(id.clone()).map(Side::User),
         Some(proto::mapping_key::Key::StripeCustomerId(id)) => {
-            customer_key(id.clone()).map_err(named)
+            customer_id(id.clone()).map(Side::Customer)
         }
-        None => Err(FieldViolation {
-            field: path.to_owned().into(),
-            description: "exactly one of user_id or stripe_customer_id must be set".into(),
-        }),
+        None => Err(missing_key(path.to_owned())),
+    };
+    let side = side.map_err(|violation| match key.key {
+        None => violation,
+        Some(_) => named(violation),
+    });
+    match (side, account("stripe_account", key.stripe_account.clone())) {
+        (Ok(side), Ok(account)) => Ok(Key { account, side }),
+        (side, account) => Err([side.err(), account.err().map(named)]
+            .into_iter()
+            .flatten()
+            .collect()),
     }
 }
 

@@ -11,6 +11,26 @@ impl From<mapping::Mapping> for proto::Mapping {
             user_id: m.user_id.into(),
             stripe_customer_id: m.stripe_customer_id.into(),
             create_time: Some(timestamp(m.created_at)),
+            stripe_account: m.stripe_account.into(),
+        }
+    }
+}
+
+impl From<mapping::PrepareOutcome> for proto::PrepareLinkResponse {
+    fn from(outcome: mapping::PrepareOutcome) -> Self {
+        use proto::prepare_link_response::Outcome;
+        let outcome = match outcome {
+            mapping::PrepareOutcome::Linked(mapping) => Outcome::Mapping(mapping.into()),
+            mapping::PrepareOutcome::Create(creation) => {
+                Outcome::Creation(proto::CustomerCreation {
+                    idempotency_key: creation.idempotency_key,
+                    metadata: creation.metadata.into_iter().collect(),
+                    generation: creation.generation.count(),
+                })
+            }
+        };
+        proto::PrepareLinkResponse {
+            outcome: Some(outcome),
         }
     }
 }

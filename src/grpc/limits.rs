@@ -58,7 +58,8 @@ fn too_large_as_resource_exhausted(
 
 /// The largest request the contract calls valid: a BatchGet of the most
 /// keys, each a user id of the most characters, each four bytes in UTF-8
-/// (a Stripe customer id is ASCII, so shorter). The default request size
+/// (a Stripe customer id is ASCII, so shorter), in a connected account of
+/// the longest id. The default request size
 /// limit admits it (`config`), so that a caller keeping to the contract
 /// only ever sees the contract's own errors.
 pub fn largest_valid_request() -> BatchGetRequest {
@@ -71,6 +72,7 @@ pub fn largest_valid_request() -> BatchGetRequest {
             let user_id = number.iter().collect::<String>() + &filler;
             MappingKey {
                 key: Some(mapping_key::Key::UserId(user_id)),
+                stripe_account: format!("acct_{}", "a".repeat(MAX_ID_CHARS - 5)),
             }
         })
         .collect();

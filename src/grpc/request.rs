@@ -1,63 +1,115 @@
 //! Request messages to validated domain arguments: every bad field is
 //! reported at once, named as in the proto.
 
-use crate::mapping::{Error, FieldViolation, InvalidId, Key, StripeCustomerId, Unlink, UserId};
-use crate::proto::{self, GetRequest, LinkRequest, UnlinkRequest};
+use crate::mapping::{
+    Error, FieldViolation, Generation, InvalidId, Key, LinkArgs, Side, StripeAccount,
+    StripeCustomerId, Unlink, UserId,
+};
+use crate::proto::{self, GetRequest, LinkRequest, PrepareLinkRequest, UnlinkRequest};
 
-/// Validates both fields so the caller learns every mistake at once.
-pub(super) fn link_arguments(request: LinkRequest) -> Result<(UserId, StripeCustomerId), Error> {
+/// Validates every field so the caller learns every mistake at once.
+pub(super) fn link_arguments(request: LinkRequest) -> Result<LinkArgs, Error> {
+    let prepared = request.prepared_generation.map(|raw| {
+        Generation::new(raw).ok_or_else(|| FieldViolation {
+            field: "prepared_generation".into(),
+            description: format!("must not be negative, got {raw}"),
+        })
+    });
+    let (prepared, prepared_err) = split(prepared);
     match (
-        parse("user_id", UserId::parse(request.user_id)),
-        parse(
-            "stripe_customer_id",
-            StripeCustomerId::parse(request.stripe_customer_id),
-        ),
+        user_id(request.user_id),
+        customer_id(request.stripe_customer_id),
+        account("stripe_account", request.stripe_account),
+        prepared_err,
     ) {
-        (Ok(user), Ok(customer)) => Ok((user, customer)),
-        (user, customer) => Err(Error::InvalidArgument(
-            [user.err(), customer.err()].into_iter().flatten().collect(),
-        )),
+        (Ok(user_id), Ok(stripe_customer_id), Ok(stripe_account), None) => Ok(LinkArgs {
+            user_id,
+            stripe_customer_id,
+            stripe_account,
+            prepared,
+        }),
+        (user, customer, account, prepared) => Err(invalid([
+            user.err(),
+            customer.err(),
+            account.err(),
+            prepared,
+        ])),
+    }
+}
+
+/// PrepareLink's user, in its account.
+pub(super) fn prepare_link_key(request: PrepareLinkRequest) -> Result<Key, Error> {
+    match (
+        user_id(request.user_id),
+        account("stripe_account", request.stripe_account),
+    ) {
+        (Ok(user), Ok(account)) => Ok(Key::user(account, user)),
+        (user, account) => Err(invalid([user.err(), account.err()])),
     }
 }
 
 pub(super) fn get_key(request: GetRequest) -> Result<Key, Error> {
-    match request.key {
-        Some(proto::get_request::Key::UserId(id)) => user_key(id),
-        Some(proto::get_request::Key::StripeCustomerId(id)) => customer_key(id),
-        None => Err(missing_key()),
+    let side = match request.key {
+        Some(proto::get_request::Key::UserId(id)) => user_id(id).map(Side::User),
+        Some(proto::get_request::Key::StripeCustomerId(id)) => customer_id(id).map(Side::Customer),
+        None => Err(missing_key("key")),
+    };
+    match (side, account("stripe_account", request.stripe_account)) {
+        (Ok(side), Ok(account)) => Ok(Key { account, side }),
+        (side, account) => Err(invalid([side.err(), account.err()])),
     }
-    .map_err(|v| Error::InvalidArgument(vec![v]))
 }
 
 /// The key, and the expected counterpart when set: a customer id when the
 /// key is a user, a user id when it is a customer.
 pub(super) fn unlink_arguments(request: UnlinkRequest) -> Result<Unlink, Error> {
     let expected = Some(request.expected_counterpart).filter(|id| !id.is_empty());
-    let (unlink, counterpart_err) = match request.key {
-        Some(proto::unlink_request::Key::UserId(id)) => {
+    let account = account("stripe_account", request.stripe_account);
+    let mut violations = Vec::new();
+    let unlink = match (request.key, account) {
+        (Some(proto::unlink_request::Key::UserId(id)), account) => {
             let expected = expected.map(|id| parse(FIELD_COUNTERPART, StripeCustomerId::parse(id)));
-            let (expected, err) = split(expected);
-            (user_id(id).map(|user| Unlink::of_user(user, expected)), err)
+            match (user_id(id), account, split(expected)) {
+                (Ok(user), Ok(account), (expected, None)) => {
+                    Some(Unlink::of_user(account, user, expected))
+                }
+                (user, account, (_, expected)) => {
+                    violations.extend([user.err(), account.err(), expected].into_iter().flatten());
+                    None
+                }
+            }
         }
-        Some(proto::unlink_request::Key::StripeCustomerId(id)) => {
+        (Some(proto::unlink_request::Key::StripeCustomerId(id)), account) => {
             let expected = expected.map(|id| parse(FIELD_COUNTERPART, UserId::parse(id)));
-            let (expected, err) = split(expected);
-            (
-                customer_id(id).map(|customer| Unlink::of_customer(customer, expected)),
-                err,
-            )
+            match (customer_id(id), account, split(expected)) {
+                (Ok(customer), Ok(account), (expected, None)) => {
+                    Some(Unlink::of_customer(account, customer, expected))
+                }
+                (customer, account, (_, expected)) => {
+                    violations.extend(
+                        [customer.err(), account.err(), expected]
+                            .into_iter()
+                            .flatten(),
+                    );
+                    None
+                }
+            }
         }
-        None => (Err(missing_key()), None),
+        (None, account) => {
+            violations.extend(
+                [Some(missing_key("key")), account.err()]
+                    .into_iter()
+                    .flatten(),
+            );
+            None
+        }
     };
-    match (unlink, counterpart_err) {
-        (Ok(unlink), None) => Ok(unlink),
-        (unlink, counterpart_err) => Err(Error::InvalidArgument(
-            [unlink.err(), counterpart_err]
-                .into_iter()
-                .flatten()
-                .collect(),
-        )),
-    }
+    unlink.ok_or(Error::InvalidArgument(violations))
+}
+
+/// Every violation found, as one error.
+fn invalid<const N: usize>(violations: [Option<FieldViolation>; N]) -> Error {
+    Error::InvalidArgument(violations.into_iter().flatten().collect())
 }
 
 /// An optional parsed field as its value and its violation.
@@ -71,32 +123,35 @@ fn split<T>(field: Option<Result<T, FieldViolation>>) -> (Option<T>, Option<Fiel
 
 const FIELD_COUNTERPART: &str = "expected_counterpart";
 
-fn parse<T>(field: &'static str, parsed: Result<T, InvalidId>) -> Result<T, FieldViolation> {
+fn parse<T>(
+    field: impl Into<std::borrow::Cow<'static, str>>,
+    parsed: Result<T, InvalidId>,
+) -> Result<T, FieldViolation> {
     parsed.map_err(|e| FieldViolation {
         field: field.into(),
         description: e.to_string(),
     })
 }
 
-pub(super) fn user_key(raw: String) -> Result<Key, FieldViolation> {
-    user_id(raw).map(Key::User)
-}
-
-pub(super) fn customer_key(raw: String) -> Result<Key, FieldViolation> {
-    customer_id(raw).map(Key::Customer)
-}
-
-fn user_id(raw: String) -> Result<UserId, FieldViolation> {
+pub(super) fn user_id(raw: String) -> Result<UserId, FieldViolation> {
     parse("user_id", UserId::parse(raw))
 }
 
-fn customer_id(raw: String) -> Result<StripeCustomerId, FieldViolation> {
+pub(super) fn customer_id(raw: String) -> Result<StripeCustomerId, FieldViolation> {
     parse("stripe_customer_id", StripeCustomerId::parse(raw))
 }
 
-fn missing_key() -> FieldViolation {
+/// A Stripe account, the field named `field`.
+pub(super) fn account(
+    field: impl Into<std::borrow::Cow<'static, str>>,
+    raw: String,
+) -> Result<StripeAccount, FieldViolation> {
+    parse(field, StripeAccount::parse(raw))
+}
+
+pub(super) fn missing_key(field: impl Into<std::borrow::Cow<'static, str>>) -> FieldViolation {
     FieldViolation {
-        field: "key".into(),
+        field: field.into(),
         description: "exactly one of user_id or stripe_customer_id must be set".into(),
     }
 }

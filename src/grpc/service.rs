@@ -9,7 +9,7 @@ use super::{
     },
     guard::Guard,
     observe::{observe, observe_stream},
-    request::{get_key, link_arguments, unlink_arguments},
+    request::{get_key, link_arguments, prepare_link_key, unlink_arguments},
     watch::{WatchStream, watch_start},
 };
 use crate::auth::Rpc;
@@ -17,8 +17,9 @@ use crate::mapping::Actor;
 use crate::mappings::{Feed, Mappings};
 use crate::proto::{
     BatchGetRequest, BatchGetResponse, BatchGetResult, GetRequest, GetResponse, LinkRequest,
-    LinkResponse, ListEventsRequest, ListEventsResponse, ListRequest, ListResponse, UnlinkRequest,
-    UnlinkResponse, WatchRequest, customer_mapping_server::CustomerMapping,
+    LinkResponse, ListEventsRequest, ListEventsResponse, ListRequest, ListResponse,
+    PrepareLinkRequest, PrepareLinkResponse, UnlinkRequest, UnlinkResponse, WatchRequest,
+    customer_mapping_server::CustomerMapping,
 };
 
 /// The `customermapping.v1.CustomerMapping` service.
@@ -44,6 +45,16 @@ impl CustomerMapping for CustomerMappingService {
     async fn link(&self, request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
         observe(&self.guard, Rpc::Link, request, |message, actor| {
             self.handle_link(message, actor)
+        })
+        .await
+    }
+
+    async fn prepare_link(
+        &self,
+        request: Request<PrepareLinkRequest>,
+    ) -> Result<Response<PrepareLinkResponse>, Status> {
+        observe(&self.guard, Rpc::PrepareLink, request, |message, _| {
+            self.handle_prepare_link(message)
         })
         .await
     }
@@ -111,15 +122,19 @@ impl CustomerMappingService {
         request: LinkRequest,
         actor: Actor,
     ) -> Result<LinkResponse, Status> {
-        let (user_id, stripe_customer_id) = link_arguments(request)?;
-        let linked = self
-            .mappings
-            .link(user_id, stripe_customer_id, actor)
-            .await?;
+        let linked = self.mappings.link(link_arguments(request)?, actor).await?;
         Ok(LinkResponse {
             mapping: Some(linked.mapping.into()),
             created: linked.created,
         })
+    }
+
+    async fn handle_prepare_link(
+        &self,
+        request: PrepareLinkRequest,
+    ) -> Result<PrepareLinkResponse, Status> {
+        let key = prepare_link_key(request)?;
+        Ok(self.mappings.prepare_link(key).await?.into())
     }
 
     async fn handle_get(&self, request: GetRequest) -> Result<GetResponse, Status> {
@@ -161,11 +176,17 @@ impl CustomerMappingService {
     }
 
     async fn handle_list(&self, request: ListRequest) -> Result<ListResponse, Status> {
-        let (after, page_size) = list_arguments(&request)?;
-        let page = self.mappings.list(after, page_size).await?;
+        let query = list_arguments(&request)?;
+        let page = self
+            .mappings
+            .list(query.account.clone(), query.after, query.page_size)
+            .await?;
         Ok(ListResponse {
             mappings: page.mappings.into_iter().map(Into::into).collect(),
-            next_page_token: page.next.map(list_token).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|cursor| list_token(query.account.as_ref(), cursor))
+                .unwrap_or_default(),
         })
     }
 

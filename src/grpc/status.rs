@@ -7,7 +7,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::{
     auth::AuthError,
-    mapping::{Error, Key, Mapping},
+    mapping::{Error, Mapping, Side},
 };
 
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
@@ -18,10 +18,15 @@ pub const REASON_CUSTOMER_ALREADY_LINKED: &str = "CUSTOMER_ALREADY_LINKED";
 pub const REASON_MAPPING_NOT_FOUND: &str = "MAPPING_NOT_FOUND";
 pub const REASON_MAPPING_CHANGED: &str = "MAPPING_CHANGED";
 pub const REASON_CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
+pub const REASON_STALE_PREPARATION: &str = "STALE_PREPARATION";
+pub const REASON_STRIPE_ACCOUNTS_NOT_ENABLED: &str = "STRIPE_ACCOUNTS_NOT_ENABLED";
 
 /// ErrorInfo metadata keys (lowerCamelCase, as AIP-193 asks).
 pub const METADATA_USER_ID: &str = "userId";
 pub const METADATA_STRIPE_CUSTOMER_ID: &str = "stripeCustomerId";
+pub const METADATA_STRIPE_ACCOUNT: &str = "stripeAccount";
+pub const METADATA_PREPARED_GENERATION: &str = "preparedGeneration";
+pub const METADATA_GENERATION: &str = "generation";
 pub const METADATA_CALLER: &str = "caller";
 pub const METADATA_METHOD: &str = "method";
 
@@ -62,13 +67,49 @@ impl From<Error> for Status {
                 "the key is linked to another counterpart than expected; nothing was removed",
                 &current,
             ),
+            Error::StalePreparation {
+                user,
+                account,
+                prepared,
+                current,
+            } => Status::with_error_details(
+                Code::FailedPrecondition,
+                "the user was unlinked since PrepareLink: nothing was written; the customer \
+                 created with that preparation is an orphan, prepare again",
+                ErrorDetails::with_error_info(
+                    REASON_STALE_PREPARATION,
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        (METADATA_USER_ID.to_owned(), user.into()),
+                        (METADATA_STRIPE_ACCOUNT.to_owned(), account.into()),
+                        (
+                            METADATA_PREPARED_GENERATION.to_owned(),
+                            prepared.count().to_string(),
+                        ),
+                        (METADATA_GENERATION.to_owned(), current.count().to_string()),
+                    ]),
+                ),
+            ),
+            Error::AccountsNotEnabled => Status::with_error_details(
+                Code::FailedPrecondition,
+                "mappings of connected Stripe accounts are not enabled on this database yet: \
+                 once every replica runs this release, run `customer-mapping migrate \
+                 --enable-stripe-accounts`",
+                ErrorDetails::with_error_info(
+                    REASON_STRIPE_ACCOUNTS_NOT_ENABLED,
+                    ERROR_DOMAIN,
+                    HashMap::new(),
+                ),
+            ),
             Error::NotFound(key) => {
-                let metadata = match key {
-                    Key::User(id) => HashMap::from([(METADATA_USER_ID.to_owned(), id.into())]),
-                    Key::Customer(id) => {
-                        HashMap::from([(METADATA_STRIPE_CUSTOMER_ID.to_owned(), id.into())])
-                    }
+                let (field, id) = match key.side {
+                    Side::User(id) => (METADATA_USER_ID, String::from(id)),
+                    Side::Customer(id) => (METADATA_STRIPE_CUSTOMER_ID, String::from(id)),
                 };
+                let metadata = HashMap::from([
+                    (field.to_owned(), id),
+                    (METADATA_STRIPE_ACCOUNT.to_owned(), key.account.into()),
+                ]);
                 Status::with_error_details(
                     Code::NotFound,
                     "no mapping for this key",
@@ -150,6 +191,10 @@ fn naming(code: Code, reason: &str, message: &str, existing: &Mapping) -> Status
         (
             METADATA_STRIPE_CUSTOMER_ID.to_owned(),
             existing.stripe_customer_id.as_str().to_owned(),
+        ),
+        (
+            METADATA_STRIPE_ACCOUNT.to_owned(),
+            existing.stripe_account.as_str().to_owned(),
         ),
     ]);
     Status::with_error_details(

@@ -32,7 +32,7 @@ use crate::{
     config::{ImportArgs, Settings},
     mapping::{
         Actor, KeySet, LinkAttempt, LinkKeys, LinkOutcome, LinkToken, LinkWrite, Mapping,
-        StripeCustomerId, UserId,
+        StripeAccount, StripeCustomerId, UserId,
     },
     store::{Database, Migrations},
 };
@@ -368,6 +368,7 @@ impl Import {
                 let mapping = Mapping {
                     user_id: row.user_id,
                     stripe_customer_id: row.stripe_customer_id,
+                    stripe_account: StripeAccount::platform(),
                     created_at: row.created_at.unwrap_or(time),
                 };
                 let write = LinkWrite {
@@ -375,6 +376,7 @@ impl Import {
                     token,
                     time,
                     actor: actor.clone(),
+                    prepared: None,
                 };
                 (row.at, write)
             })
@@ -559,7 +561,8 @@ impl Outcome {
                 on_user: false,
                 holder,
             },
-            LinkOutcome::Undecided => return None,
+            // An import prepares nothing, so is never stale.
+            LinkOutcome::Undecided | LinkOutcome::Stale(_) => return None,
         })
     }
 }

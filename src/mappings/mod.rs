@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use crate::{
     mapping::{
-        Actor, Error, Key, LinkOutcome, LinkToken, LinkWrite, Linked, Mapping, StripeCustomerId,
-        Unlink, UserId,
+        Actor, Error, IdempotencyNamespace, Key, LinkArgs, LinkOutcome, LinkToken, LinkWrite,
+        Linked, Mapping, Preparation, PrepareOutcome, Prepared, StripeAccount, Unlink,
     },
     store::{Database, Store},
 };
@@ -65,11 +65,18 @@ pub struct Mappings {
     store: Store,
     /// Told of every change committed through this replica.
     changes: Changes,
+    /// PrepareLink's namespace when configured; otherwise the database's
+    /// deployment id.
+    namespace: Option<IdempotencyNamespace>,
 }
 
 impl Mappings {
-    pub fn new(store: Store, changes: Changes) -> Self {
-        Self { store, changes }
+    pub fn new(store: Store, changes: Changes, namespace: Option<IdempotencyNamespace>) -> Self {
+        Self {
+            store,
+            changes,
+            namespace,
+        }
     }
 
     /// The database, or UNAVAILABLE while the service is still waiting for
@@ -81,29 +88,31 @@ impl Mappings {
             .ok_or_else(|| Error::Unavailable("the database is not connected yet".into()))
     }
 
-    /// Links `user_id` to `stripe_customer_id`, or says who holds either.
-    /// A Link that creates the mapping records a `Linked` event by `actor`.
-    pub async fn link(
-        &self,
-        user_id: UserId,
-        stripe_customer_id: StripeCustomerId,
-        actor: Actor,
-    ) -> Result<Linked, Error> {
+    /// Links the user to the customer in the account, or says who holds
+    /// either there. A Link that creates the mapping records a `Linked`
+    /// event by `actor`.
+    pub async fn link(&self, args: LinkArgs, actor: Actor) -> Result<Linked, Error> {
         // PostgreSQL keeps microseconds; truncating here makes the reply of
         // the creating call equal to every later read.
         let created_at = Utc::now().trunc_subsecs(6);
         let write = LinkWrite {
             mapping: Mapping {
-                user_id,
-                stripe_customer_id,
+                user_id: args.user_id,
+                stripe_customer_id: args.stripe_customer_id,
+                stripe_account: args.stripe_account,
                 created_at,
             },
             token: LinkToken::random(),
             time: created_at,
             actor,
+            prepared: args.prepared,
         };
         let (db, until) = (self.db()?, work_until());
-        let linked = run_to_completion(async move { link(&db, write, until).await }).await?;
+        let linked = run_to_completion(async move {
+            accounts_enabled(&db, &write.mapping.stripe_account, until).await?;
+            link(&db, write, until).await
+        })
+        .await?;
         if linked.created {
             self.changes.committed();
         }
@@ -116,6 +125,34 @@ impl Mappings {
         run_to_completion(async move {
             let found = db.get(&key, until).await?;
             found.ok_or(Error::NotFound(key))
+        })
+        .await
+    }
+
+    /// The user's mapping in `key`'s account, or how to create its
+    /// customer (`key` is a user's).
+    pub async fn prepare_link(&self, key: Key) -> Result<PrepareOutcome, Error> {
+        let (db, until) = (self.db()?, work_until());
+        let configured = self.namespace.clone();
+        run_to_completion(async move {
+            accounts_enabled(&db, &key.account, until).await?;
+            let generation = match db.prepare(&key, until).await? {
+                Prepared::Linked(mapping) => return Ok(PrepareOutcome::Linked(mapping)),
+                Prepared::Unlinked(generation) => generation,
+            };
+            let namespace = match configured {
+                Some(namespace) => namespace,
+                None => IdempotencyNamespace::new(db.deployment(until).await?),
+            };
+            let crate::mapping::Side::User(user) = &key.side else {
+                return Err(Error::Internal("PrepareLink of a customer".into()));
+            };
+            Ok(PrepareOutcome::Create(Preparation::new(
+                &namespace,
+                &key.account,
+                user,
+                generation,
+            )))
         })
         .await
     }
@@ -148,6 +185,15 @@ async fn link(db: &Database, write: LinkWrite, until: Instant) -> Result<Linked,
             LinkOutcome::Created(mapping) => (mapping, true),
             LinkOutcome::Present(mapping) => (mapping, false),
             LinkOutcome::UserConflict(holder) => return Err(Error::UserAlreadyLinked(holder)),
+            LinkOutcome::Stale(current) => {
+                let mapping = write.mapping;
+                return Err(Error::StalePreparation {
+                    user: mapping.user_id,
+                    account: mapping.stripe_account,
+                    prepared: write.prepared.unwrap_or(current),
+                    current,
+                });
+            }
             LinkOutcome::CustomerConflict(holder) => {
                 return Err(Error::CustomerAlreadyLinked(holder));
             }
@@ -156,6 +202,21 @@ async fn link(db: &Database, write: LinkWrite, until: Instant) -> Result<Linked,
         return Ok(Linked { mapping, created });
     }
     Err(Error::Contended)
+}
+
+/// Refuses a connected account until the database has accounts enabled
+/// (`migration::accounts`): only the writes that would create mappings
+/// of one ask, since no mapping of another account can exist before.
+async fn accounts_enabled(
+    db: &Database,
+    account: &StripeAccount,
+    until: Instant,
+) -> Result<(), Error> {
+    if account.is_platform() || db.accounts_enabled(until).await? {
+        Ok(())
+    } else {
+        Err(Error::AccountsNotEnabled)
+    }
 }
 
 /// Runs database work in its own task so that it always finishes, even when

@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 
 use super::{Mappings, run_to_completion, work_until};
-use crate::mapping::{
-    Error, EventsPage, Key, ListCursor, ListPage, Mapping, StripeCustomerId, UserId,
-};
+use crate::mapping::{Error, EventsPage, Key, ListCursor, ListPage, Mapping, StripeAccount};
 
 impl Mappings {
     /// The mapping holding each of `keys` (`None` where none does), in the
@@ -14,30 +12,34 @@ impl Mappings {
         let (db, until) = (self.db()?, work_until());
         run_to_completion(async move {
             let found = db.holding_any(&keys, until).await?;
-            let mut by_user: HashMap<UserId, &Mapping> = HashMap::with_capacity(found.len());
-            let mut by_customer: HashMap<StripeCustomerId, &Mapping> =
-                HashMap::with_capacity(found.len());
+            let mut by_key: HashMap<Key, &Mapping> = HashMap::with_capacity(2 * found.len());
             for mapping in &found {
-                by_user.insert(mapping.user_id.clone(), mapping);
-                by_customer.insert(mapping.stripe_customer_id.clone(), mapping);
+                for key in mapping.keys() {
+                    by_key.insert(key, mapping);
+                }
             }
             Ok(keys
                 .iter()
-                .map(|key| match key {
-                    Key::User(id) => by_user.get(id).map(|m| (*m).clone()),
-                    Key::Customer(id) => by_customer.get(id).map(|m| (*m).clone()),
-                })
+                .map(|key| by_key.get(key).map(|m| (*m).clone()))
                 .collect())
         })
         .await
     }
 
-    /// Up to `page_size` mappings after `after`, oldest first.
-    pub async fn list(&self, after: Option<ListCursor>, page_size: u64) -> Result<ListPage, Error> {
+    /// Up to `page_size` mappings after `after`, oldest first; only those
+    /// of `account` when given.
+    pub async fn list(
+        &self,
+        account: Option<StripeAccount>,
+        after: Option<ListCursor>,
+        page_size: u64,
+    ) -> Result<ListPage, Error> {
         let (db, until) = (self.db()?, work_until());
         run_to_completion(async move {
             // One row more than asked tells whether another page follows.
-            let mut rows = db.list(after, page_size + 1, until).await?;
+            let mut rows = db
+                .list(account.as_ref(), after, page_size + 1, until)
+                .await?;
             let more = truncate(&mut rows, page_size);
             let next = rows.last().filter(|_| more).map(|(_, cursor)| *cursor);
             Ok(ListPage {
