@@ -38,12 +38,14 @@ fn link(n: u32) -> LinkRequest {
     LinkRequest {
         user_id: format!("user-{n}"),
         stripe_customer_id: format!("cus_{n}"),
+        ..Default::default()
     }
 }
 
 fn get(n: u32) -> GetRequest {
     GetRequest {
         key: Some(get_request::Key::UserId(format!("user-{n}"))),
+        ..Default::default()
     }
 }
 

@@ -116,7 +116,10 @@ async fn no_keys_or_too_many_are_invalid(app: TestApp) {
 async fn every_bad_key_is_reported_at_once(app: TestApp) {
     let keys = vec![
         user("user-1"),
-        MappingKey { key: None },
+        MappingKey {
+            key: None,
+            ..Default::default()
+        },
         user("user 2"),
         customer("acct_3"),
         customer("cus_4"),

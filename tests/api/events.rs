@@ -99,6 +99,7 @@ async fn events_name_the_request_id_and_anonymous_without_a_policy(app: TestApp)
     let mut link = Request::new(LinkRequest {
         user_id: "user-1".into(),
         stripe_customer_id: "cus_A1".into(),
+        ..Default::default()
     });
     link.metadata_mut()
         .insert("x-request-id", "req-link-1".parse().expect("ASCII"));
@@ -117,6 +118,7 @@ async fn events_name_the_request_id_and_anonymous_without_a_policy(app: TestApp)
         .link(LinkRequest {
             user_id: "user-2".into(),
             stripe_customer_id: "cus_B2".into(),
+            ..Default::default()
         })
         .await
         .expect("Link");
@@ -231,7 +233,17 @@ async fn bad_requests_are_invalid(app: TestApp) {
             request(Some(customer("acct_1")), 0, ""),
             &["key.stripe_customer_id"],
         ),
-        (request(Some(MappingKey { key: None }), 0, ""), &["key"]),
+        (
+            request(
+                Some(MappingKey {
+                    key: None,
+                    ..Default::default()
+                }),
+                0,
+                "",
+            ),
+            &["key"],
+        ),
         (request(None, -5, ""), &["page_size"]),
         (request(None, 0, "abc"), &["page_token"]),
         (
@@ -359,6 +371,7 @@ async fn under_a_policy(backend: Backend) {
     let link = LinkRequest {
         user_id: "user-1".into(),
         stripe_customer_id: "cus_A1".into(),
+        ..Default::default()
     };
     client
         .link(bearer(link.clone(), WEBHOOKS_TOKEN))
@@ -385,6 +398,7 @@ async fn under_a_policy(backend: Backend) {
             LinkRequest {
                 user_id: "user-2".into(),
                 stripe_customer_id: "cus_B2".into(),
+                ..Default::default()
             },
             LONG_NAMED_TOKEN,
         ))

@@ -78,6 +78,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing() {
     for _ in 0..3 {
         let mut request = tonic::Request::new(customer_mapping::proto::GetRequest {
             key: Some(get_request::Key::UserId("user-0".into())),
+            ..Default::default()
         });
         request.set_timeout(DEADLINE);
         let status = client
@@ -104,6 +105,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing() {
         );
         let mut request = tonic::Request::new(customer_mapping::proto::GetRequest {
             key: Some(get_request::Key::UserId("user-0".into())),
+            ..Default::default()
         });
         request.set_timeout(DEADLINE);
         match client.get(request).await {
@@ -125,7 +127,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing() {
         let db = sea_orm::Database::connect(standby.url())
             .await
             .expect("connect to the new primary");
-        let rows = helpers::read_rows(&db).await;
+        let rows = helpers::read_mappings(&db).await;
         db.close().await.expect("close");
         history::table_pairs(rows)
     };

@@ -53,7 +53,7 @@ async fn table(url: &str) -> std::collections::HashSet<(u8, u8)> {
     let db = Database::connect(url)
         .await
         .expect("connect to read the table");
-    let rows = helpers::read_rows(&db).await;
+    let rows = helpers::read_mappings(&db).await;
     db.close().await.expect("close");
     history::table_pairs(rows)
 }

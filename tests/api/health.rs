@@ -143,7 +143,7 @@ async fn ready_only_once_the_schema_is_there() {
             );
         }
 
-        customer_mapping::startup::migrate(&settings.database)
+        customer_mapping::startup::migrate(&settings.database, &Default::default())
             .await
             .expect("the migration runs");
         let migrated = tokio::time::Instant::now();
@@ -164,7 +164,7 @@ async fn a_newer_schema_serves_this_release() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let database = helpers::TestDatabase::create(backend).await;
         let settings = helpers::test_settings(database.url.clone());
-        customer_mapping::startup::migrate(&settings.database)
+        customer_mapping::startup::migrate(&settings.database, &Default::default())
             .await
             .expect("the migration runs");
         let db = database_connection(&database.url).await;

@@ -115,6 +115,7 @@ async fn a_tls_handshake_that_never_comes_is_cut() {
         .link(customer_mapping::proto::LinkRequest {
             user_id: "user-1".into(),
             stripe_customer_id: "cus_1".into(),
+            ..Default::default()
         })
         .await
         .expect("Link over TLS");

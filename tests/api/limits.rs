@@ -31,6 +31,7 @@ on_both_databases!(
 fn get(n: u32) -> GetRequest {
     GetRequest {
         key: Some(get_request::Key::UserId(format!("user-{n}"))),
+        ..Default::default()
     }
 }
 
@@ -40,6 +41,7 @@ async fn still_serving(app: &TestApp) {
         .link(LinkRequest {
             user_id: "after".into(),
             stripe_customer_id: "cus_after".into(),
+            ..Default::default()
         })
         .await
         .expect("a new client is served");
@@ -189,7 +191,9 @@ async fn the_largest_valid_request_is_served_under_the_defaults(app: TestApp) {
     let Some(mapping_key::Key::UserId(first)) = request.keys[0].key.clone() else {
         panic!("a user key");
     };
-    app.link(&first, "cus_A1").await.expect("Link");
+    app.link_in(&request.keys[0].stripe_account, &first, "cus_A1")
+        .await
+        .expect("Link");
 
     let results = app
         .client

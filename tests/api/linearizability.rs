@@ -83,6 +83,7 @@ fn checker_rejects_a_batch_that_saw_half_of_a_move() {
     let read = Op::BatchGet {
         users: 1,
         customers: 2,
+        accounts: 1,
     };
     // Before, during and after: each a state of the model.
     of_users[0] = 0;
@@ -212,6 +213,34 @@ fn checker_copes_with_a_fault_that_leaves_many_operations_unanswered() {
 }
 
 #[test]
+fn checker_refuses_a_stale_preparation_that_linked() {
+    // A prepares user 0 at generation 0; B links and unlinks it; A's Link
+    // with generation 0 must be refused (the user is at generation 1).
+    let race = |late_link: Outcome| {
+        history(vec![
+            event(Op::Prepare(0), Outcome::Prepared(0), 0, 1),
+            event(Op::Link(0, 1), Outcome::Created, 2, 3),
+            event(Op::UnlinkByUser(0), Outcome::Mapping(0, 1), 4, 5),
+            event(Op::LinkPrepared(0, 2, 0), late_link, 6, 7),
+        ])
+    };
+    assert!(linearize(&race(Outcome::Stale(1)), Model::new(3), None).is_some());
+    assert!(linearize(&race(Outcome::Created), Model::new(3), None).is_none());
+    // The refused Link wrote nothing: a later Get finds no mapping.
+    let mut after = race(Outcome::Stale(1)).events;
+    after.push(event(Op::GetByUser(0), Outcome::Mapping(0, 2), 8, 9));
+    assert!(linearize(&history(after), Model::new(3), None).is_none());
+    // A failed Link moves nothing: the preparation still links.
+    let refused_then_linked = history(vec![
+        event(Op::Prepare(0), Outcome::Prepared(0), 0, 1),
+        event(Op::Link(1, 2), Outcome::Created, 2, 3),
+        event(Op::Link(0, 2), Outcome::CustomerTaken(1), 4, 5),
+        event(Op::LinkPrepared(0, 1, 0), Outcome::Created, 6, 7),
+    ]);
+    assert!(linearize(&refused_then_linked, Model::new(3), None).is_some());
+}
+
+#[test]
 fn checker_holds_the_final_table_to_the_history() {
     let h = history(vec![event(Op::Link(0, 0), Outcome::Created, 0, 1)]);
     // An acknowledged Link that is not in the table was lost.
@@ -223,7 +252,9 @@ async fn concurrent_history_is_linearizable(app: helpers::TestApp) {
     let seed: u64 = rand::random();
     let load = Load::small(seed);
     let history = history::run_load(&[app.addr], load, Instant::now(), None).await;
-    let table = history::table_pairs(app.rows().await);
+    let db = app.db().await;
+    let table = history::table_pairs(helpers::read_mappings(&db).await);
+    db.close().await.expect("closes");
     history::assert_linearizable(
         &format!("{:?} single server (seed {seed})", app.backend),
         &history,
@@ -263,7 +294,7 @@ async fn three_replicas_on_one_database_are_linearizable() {
     let db = sea_orm::Database::connect(&database.url)
         .await
         .expect("connect");
-    let rows = helpers::read_rows(&db).await;
+    let rows = helpers::read_mappings(&db).await;
     history::assert_linearizable(
         &format!("3 replicas (seed {seed})"),
         &history,

@@ -53,6 +53,7 @@ async fn pages_cover_every_mapping_once_oldest_first(app: TestApp) {
         .list(ListRequest {
             page_size: 7,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect("List")
@@ -67,6 +68,7 @@ async fn page_size_zero_means_a_hundred_and_is_capped_at_a_thousand(app: TestApp
     let page = |page_size| ListRequest {
         page_size,
         page_token: String::new(),
+        ..Default::default()
     };
 
     let default = client.list(page(0)).await.expect("List").into_inner();
@@ -76,6 +78,7 @@ async fn page_size_zero_means_a_hundred_and_is_capped_at_a_thousand(app: TestApp
         .list(ListRequest {
             page_size: 0,
             page_token: default.next_page_token,
+            ..Default::default()
         })
         .await
         .expect("List")
@@ -99,6 +102,7 @@ async fn a_negative_page_size_is_invalid(app: TestApp) {
         .list(ListRequest {
             page_size: -1,
             page_token: "not a token".into(),
+            ..Default::default()
         })
         .await
         .expect_err("negative");
@@ -113,6 +117,7 @@ async fn a_token_this_service_did_not_make_is_invalid(app: TestApp) {
         .list(ListRequest {
             page_size: 1,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect("List")
@@ -153,6 +158,7 @@ async fn a_token_this_service_did_not_make_is_invalid(app: TestApp) {
             .list(ListRequest {
                 page_size: 1,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .expect_err(why);
@@ -210,6 +216,7 @@ async fn a_traversal_during_concurrent_changes_sees_every_stable_mapping_once(ap
             .list(ListRequest {
                 page_size: 4,
                 page_token,
+                ..Default::default()
             })
             .await
             .expect("List")

@@ -7,11 +7,13 @@
 mod helpers;
 
 // The API, rule by rule.
+mod accounts;
 mod batch_get;
 mod events;
 mod get_unlink;
 mod link;
 mod list;
+mod prepare_link;
 mod validation;
 mod watch;
 
@@ -19,6 +21,7 @@ mod watch;
 // and bringing the old mappings in.
 mod adoption;
 mod import;
+mod upgrade;
 
 // Concurrency and faults: histories the linearizability checker accepts.
 mod concurrency;

@@ -10,6 +10,7 @@ fn link_request(id: Option<&str>) -> tonic::Request<LinkRequest> {
     let mut request = tonic::Request::new(LinkRequest {
         user_id: "user-1".into(),
         stripe_customer_id: "cus_A1".into(),
+        ..Default::default()
     });
     if let Some(id) = id {
         request
@@ -38,6 +39,7 @@ async fn the_callers_request_id_comes_back_on_success_and_error(app: TestApp) {
 
     let mut request = tonic::Request::new(GetRequest {
         key: Some(get_request::Key::UserId("nobody".into())),
+        ..Default::default()
     });
     request
         .metadata_mut()

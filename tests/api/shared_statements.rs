@@ -157,6 +157,7 @@ async fn link_with_request_id(
     let mut request = tonic::Request::new(customer_mapping::proto::LinkRequest {
         user_id: user.into(),
         stripe_customer_id: customer.into(),
+        ..Default::default()
     });
     let id = format!("req-{user}-{customer}");
     request

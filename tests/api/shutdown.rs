@@ -41,6 +41,7 @@ fn spawn_links(
                 let mut request = tonic::Request::new(LinkRequest {
                     user_id: format!("user-{i}"),
                     stripe_customer_id: format!("cus_{i}"),
+                    ..Default::default()
                 });
                 request.metadata_mut().insert(
                     "x-request-id",

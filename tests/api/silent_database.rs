@@ -73,14 +73,17 @@ async fn table(url: &str) -> HashSet<(history::Key, history::Key)> {
     let db = sea_orm::Database::connect(url)
         .await
         .expect("connect to read the table");
-    let rows = helpers::read_rows(&db).await;
+    let rows = helpers::read_mappings(&db).await;
     db.close().await.expect("close");
     history::table_pairs(rows)
 }
 
 /// A Get with `DEADLINE`, classified.
 async fn get(client: &mut helpers::Client, key: get_request::Key) -> Result<Outcome, Code> {
-    let mut request = tonic::Request::new(customer_mapping::proto::GetRequest { key: Some(key) });
+    let mut request = tonic::Request::new(customer_mapping::proto::GetRequest {
+        key: Some(key),
+        ..Default::default()
+    });
     request.set_timeout(DEADLINE);
     match client.get(request).await {
         Ok(reply) => {
@@ -276,6 +279,7 @@ async fn link(
     let mut request = tonic::Request::new(customer_mapping::proto::LinkRequest {
         user_id: user.into(),
         stripe_customer_id: customer.into(),
+        ..Default::default()
     });
     request.set_timeout(DEADLINE);
     let started = Instant::now();
@@ -474,6 +478,7 @@ async fn every_call_is_logged_and_counted_while_the_database_is_silent() {
     let mut request = tonic::Request::new(customer_mapping::proto::LinkRequest {
         user_id: "user-1".into(),
         stripe_customer_id: "cus_1".into(),
+        ..Default::default()
     });
     request.set_timeout(deadline);
     request
@@ -489,6 +494,7 @@ async fn every_call_is_logged_and_counted_while_the_database_is_silent() {
     let before = proxy.swallowed_from_clients();
     let mut request = tonic::Request::new(customer_mapping::proto::GetRequest {
         key: Some(get_request::Key::UserId("user-2".into())),
+        ..Default::default()
     });
     request.set_timeout(Duration::from_secs(30));
     request

@@ -15,6 +15,7 @@ fn link_request(n: u32) -> LinkRequest {
     LinkRequest {
         user_id: format!("user-{n}"),
         stripe_customer_id: format!("cus_{n}"),
+        ..Default::default()
     }
 }
 
@@ -42,6 +43,7 @@ async fn assert_no_refused_link(client: &mut helpers::Client) {
             key: Some(customer_mapping::proto::get_request::Key::UserId(
                 "user-999".into(),
             )),
+            ..Default::default()
         })
         .await
         .expect_err("no refused call was served");

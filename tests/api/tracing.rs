@@ -140,6 +140,7 @@ async fn link_in_trace(
     let mut request = tonic::Request::new(customer_mapping::proto::LinkRequest {
         user_id: user.into(),
         stripe_customer_id: customer.into(),
+        ..Default::default()
     });
     let metadata = request.metadata_mut();
     metadata.insert("traceparent", caller.traceparent().parse().expect("ASCII"));

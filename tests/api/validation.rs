@@ -96,7 +96,10 @@ async fn link_accepts_the_longest_and_most_unusual_valid_ids(app: TestApp) {
 async fn get_and_unlink_refuse_a_request_without_key(app: TestApp) {
     let mut client = app.client.clone();
     let status = client
-        .get(GetRequest { key: None })
+        .get(GetRequest {
+            key: None,
+            ..Default::default()
+        })
         .await
         .expect_err("Get needs a key");
     assert_invalid(&status, &["key"]);

@@ -11,12 +11,22 @@ use super::Client;
 pub fn user(id: &str) -> MappingKey {
     MappingKey {
         key: Some(mapping_key::Key::UserId(id.into())),
+        ..Default::default()
     }
 }
 
 pub fn customer(id: &str) -> MappingKey {
     MappingKey {
         key: Some(mapping_key::Key::StripeCustomerId(id.into())),
+        ..Default::default()
+    }
+}
+
+/// `key` in `stripe_account`.
+pub fn in_account(stripe_account: &str, key: MappingKey) -> MappingKey {
+    MappingKey {
+        stripe_account: stripe_account.into(),
+        ..key
     }
 }
 
@@ -34,6 +44,15 @@ pub async fn batch_get(
 /// Every mapping, following `next_page_token` to the end with pages of
 /// `page_size`; also returns how many pages it took.
 pub async fn list_all(client: &mut Client, page_size: i32) -> (Vec<Mapping>, usize) {
+    list_all_in(client, page_size, None).await
+}
+
+/// [`list_all`] of one account's mappings (every account's when `None`).
+pub async fn list_all_in(
+    client: &mut Client,
+    page_size: i32,
+    stripe_account: Option<&str>,
+) -> (Vec<Mapping>, usize) {
     let mut mappings = Vec::new();
     let mut page_token = String::new();
     for pages in 1.. {
@@ -41,6 +60,7 @@ pub async fn list_all(client: &mut Client, page_size: i32) -> (Vec<Mapping>, usi
             .list(ListRequest {
                 page_size,
                 page_token,
+                stripe_account: stripe_account.map(str::to_owned),
             })
             .await
             .expect("List")

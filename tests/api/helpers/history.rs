@@ -1,6 +1,7 @@
 //! Recording what concurrent clients saw, and checking that it is
 //! linearizable against the sequential model of the service (a partial
-//! bijection between users and customers).
+//! bijection between users and customers in each Stripe account, and each
+//! user's generation: how many times it was unlinked there).
 //!
 //! The checker is the Wing & Gong search with Lowe's memoization: find an
 //! order of the operations, each placed between its invocation and its
@@ -27,15 +28,28 @@ const PAUSE_AFTER_UNKNOWN: Duration = Duration::from_millis(100);
 const MAX_SEARCH_STATES: usize = 2_000_000;
 
 use customer_mapping::proto::{
-    BatchGetRequest, BatchGetResult, GetRequest, LinkRequest, MappingKey, UnlinkRequest,
-    customer_mapping_client::CustomerMappingClient, get_request, mapping_key, unlink_request,
+    BatchGetRequest, BatchGetResult, GetRequest, LinkRequest, MappingKey, PrepareLinkRequest,
+    UnlinkRequest, customer_mapping_client::CustomerMappingClient, get_request, mapping_key,
+    prepare_link_response, unlink_request,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 
-/// Users and customers are small integers: `user-{i}` and `cus_{i}`.
+/// Users and customers are small integers: `user-{i}` and `cus_{i}` in
+/// the platform's account for `i` below [`ACCOUNT_SPAN`], and
+/// `user-{i % ACCOUNT_SPAN}` and `cus_{i % ACCOUNT_SPAN}` in the connected
+/// account `acct_{i / ACCOUNT_SPAN}` above: the same ids in another
+/// account are other keys of the model.
 pub type Key = u8;
+
+/// Keys per account.
+pub const ACCOUNT_SPAN: Key = 16;
+/// Accounts a load spreads its keys over at most.
+pub const MAX_ACCOUNTS: Key = 2;
+
+/// A generation: how many times a user was unlinked.
+pub type Generation = u16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -48,12 +62,19 @@ pub enum Op {
     UnlinkUserIf(Key, Key),
     /// Unlink of the customer, expecting it linked to this user.
     UnlinkCustomerIf(Key, Key),
-    /// BatchGet of `user-0` .. `user-{users - 1}` then `cus_0` ..
-    /// `cus_{customers - 1}`, at most [`MAX_BATCH`] of each.
+    /// BatchGet of `user-0` .. `user-{users - 1}` of each of the first
+    /// `accounts` accounts, then `cus_0` .. `cus_{customers - 1}` of each,
+    /// at most [`MAX_BATCH`] of each side.
     BatchGet {
         users: Key,
         customers: Key,
+        accounts: Key,
     },
+    /// PrepareLink of the user.
+    Prepare(Key),
+    /// Link of the user to the customer after a PrepareLink that found the
+    /// user at this generation.
+    LinkPrepared(Key, Key, Generation),
 }
 
 /// Most users (and customers) one BatchGet of the checker asks for.
@@ -77,6 +98,10 @@ pub enum Outcome {
     /// BatchGet: each user's customer, then each customer's user ([`NONE`]
     /// where unlinked, and past what was asked).
     Batch([Key; MAX_BATCH], [Key; MAX_BATCH]),
+    /// PrepareLink of an unlinked user: create at this generation.
+    Prepared(Generation),
+    /// STALE_PREPARATION: the user is at this generation now.
+    Stale(Generation),
     NotFound,
     /// May or may not have taken effect.
     Unknown,
@@ -112,17 +137,45 @@ impl History {
     }
 }
 
-/// The sequential model: `user_to_customer[u]` is `u`'s customer, if any.
+/// The sequential model: `user_to_customer[u]` is `u`'s customer, if any;
+/// `generation[u]` how many times `u` was unlinked.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Model {
     user_to_customer: Vec<Option<Key>>,
+    generation: Vec<Generation>,
+}
+
+/// The keys a BatchGet asks for on one side: the first `n` of each of the
+/// first `accounts` accounts.
+pub fn batch_keys(n: Key, accounts: Key) -> impl Iterator<Item = Key> {
+    (0..accounts).flat_map(move |a| (0..n).map(move |k| a * ACCOUNT_SPAN + k))
 }
 
 impl Model {
+    /// Room for `users` users in each account.
     pub fn new(users: usize) -> Self {
+        let keys = usize::from(ACCOUNT_SPAN) * usize::from(MAX_ACCOUNTS - 1) + users;
         Self {
-            user_to_customer: vec![None; users],
+            user_to_customer: vec![None; keys],
+            generation: vec![0; keys],
         }
+    }
+
+    /// Stops counting generations. A history with no operation that reads
+    /// them gets the same answers from far fewer distinct states: the
+    /// search's memory of failed states is keyed by the model.
+    fn without_generations(mut self) -> Self {
+        self.generation.clear();
+        self
+    }
+
+    /// Removes `u`'s mapping, which moves it to its next generation.
+    fn unlink(&mut self, u: Key) -> Option<Key> {
+        let removed = self.user_to_customer[u as usize].take();
+        if let (Some(_), Some(generation)) = (removed, self.generation.get_mut(u as usize)) {
+            *generation += 1;
+        }
+        removed
     }
 
     fn user_of(&self, customer: Key) -> Option<Key> {
@@ -151,20 +204,20 @@ impl Model {
             Op::GetByCustomer(c) => self
                 .user_of(c)
                 .map_or(Outcome::NotFound, |u| Outcome::Mapping(u, c)),
-            Op::UnlinkByUser(u) => match self.user_to_customer[u as usize].take() {
+            Op::UnlinkByUser(u) => match self.unlink(u) {
                 Some(c) => Outcome::Mapping(u, c),
                 None => Outcome::NotFound,
             },
             Op::UnlinkByCustomer(c) => match self.user_of(c) {
                 Some(u) => {
-                    self.user_to_customer[u as usize] = None;
+                    self.unlink(u);
                     Outcome::Mapping(u, c)
                 }
                 None => Outcome::NotFound,
             },
             Op::UnlinkUserIf(u, c) => match self.user_to_customer[u as usize] {
                 Some(held) if held == c => {
-                    self.user_to_customer[u as usize] = None;
+                    self.unlink(u);
                     Outcome::Mapping(u, c)
                 }
                 Some(held) => Outcome::Changed(u, held),
@@ -172,27 +225,39 @@ impl Model {
             },
             Op::UnlinkCustomerIf(c, u) => match self.user_of(c) {
                 Some(held) if held == u => {
-                    self.user_to_customer[u as usize] = None;
+                    self.unlink(u);
                     Outcome::Mapping(u, c)
                 }
                 Some(held) => Outcome::Changed(held, c),
                 None => Outcome::NotFound,
             },
-            Op::BatchGet { users, customers } => {
+            Op::BatchGet {
+                users,
+                customers,
+                accounts,
+            } => {
                 let (mut of_users, mut of_customers) = ([NONE; MAX_BATCH], [NONE; MAX_BATCH]);
-                for u in 0..users {
-                    of_users[u as usize] = self
+                for (i, u) in batch_keys(users, accounts).enumerate() {
+                    of_users[i] = self
                         .user_to_customer
                         .get(u as usize)
                         .copied()
                         .flatten()
                         .unwrap_or(NONE);
                 }
-                for c in 0..customers {
-                    of_customers[c as usize] = self.user_of(c).unwrap_or(NONE);
+                for (i, c) in batch_keys(customers, accounts).enumerate() {
+                    of_customers[i] = self.user_of(c).unwrap_or(NONE);
                 }
                 Outcome::Batch(of_users, of_customers)
             }
+            Op::Prepare(u) => match self.user_to_customer[u as usize] {
+                Some(c) => Outcome::Mapping(u, c),
+                None => Outcome::Prepared(self.generation[u as usize]),
+            },
+            Op::LinkPrepared(u, c, prepared) => match self.generation[u as usize] {
+                now if now != prepared => Outcome::Stale(now),
+                _ => self.apply(Op::Link(u, c)),
+            },
         }
     }
 
@@ -229,6 +294,15 @@ pub fn linearize(
     initial: Model,
     final_state: Option<&HashSet<(Key, Key)>>,
 ) -> Option<Model> {
+    let reads_generations = history
+        .events
+        .iter()
+        .any(|e| matches!(e.op, Op::Prepare(_) | Op::LinkPrepared(..)));
+    let initial = if reads_generations {
+        initial
+    } else {
+        initial.without_generations()
+    };
     let mut answered: Vec<Event> = history
         .events
         .iter()
@@ -246,7 +320,7 @@ pub fn linearize(
             e.outcome == Outcome::Unknown
                 && !matches!(
                     e.op,
-                    Op::GetByUser(_) | Op::GetByCustomer(_) | Op::BatchGet { .. }
+                    Op::GetByUser(_) | Op::GetByCustomer(_) | Op::BatchGet { .. } | Op::Prepare(_)
                 )
         })
         .copied()
@@ -364,8 +438,11 @@ pub fn linearize(
 pub struct Load {
     pub clients: usize,
     pub operations_per_client: usize,
+    /// Users and customers in each account.
     pub users: usize,
     pub customers: usize,
+    /// Accounts the keys are spread over, at most [`MAX_ACCOUNTS`].
+    pub accounts: usize,
     /// Longest per-call deadline; each call draws its own between an eighth
     /// of this and this. A call past it counts as unknown.
     pub deadline: Duration,
@@ -382,6 +459,7 @@ impl Load {
             operations_per_client: 60,
             users: 3,
             customers: 3,
+            accounts: usize::from(MAX_ACCOUNTS),
             deadline: Duration::from_secs(5),
             seed,
             pause_after_unknown: PAUSE_AFTER_UNKNOWN,
@@ -439,6 +517,8 @@ pub async fn run_load(
             let mut rng = StdRng::seed_from_u64(load.seed.wrapping_add(i as u64));
             let mut history = History::default();
             let mut only_reads = false;
+            // A PrepareLink's user and generation: the next call links it.
+            let mut prepared: Option<(Key, Generation)> = None;
             for _ in 0..load.operations_per_client {
                 if control
                     .as_ref()
@@ -446,11 +526,19 @@ pub async fn run_load(
                 {
                     break;
                 }
-                let u = rng.random_range(0..load.users) as Key;
-                let c = rng.random_range(0..load.customers) as Key;
-                let op = match rng.random_range(0..13) {
+                let account = rng.random_range(0..load.accounts) as Key * ACCOUNT_SPAN;
+                let u = account + rng.random_range(0..load.users) as Key;
+                let c = account + rng.random_range(0..load.customers) as Key;
+                let op = match rng.random_range(0..14) {
                     _ if only_reads && rng.random_bool(0.5) => Op::GetByUser(u),
                     _ if only_reads => Op::GetByCustomer(c),
+                    // get-or-create: the customer made with the preparation
+                    // is one of the user's account's.
+                    _ if prepared.is_some() => {
+                        let (u, generation) = prepared.take().unwrap_or_default();
+                        let c = c % ACCOUNT_SPAN + u / ACCOUNT_SPAN * ACCOUNT_SPAN;
+                        Op::LinkPrepared(u, c, generation)
+                    }
                     0..=3 => Op::Link(u, c),
                     4 => Op::GetByUser(u),
                     5 => Op::GetByCustomer(c),
@@ -458,17 +546,24 @@ pub async fn run_load(
                     8..=9 => Op::UnlinkByCustomer(c),
                     10 => Op::UnlinkUserIf(u, c),
                     11 => Op::UnlinkCustomerIf(c, u),
+                    12 => Op::Prepare(u),
                     // Every key of the load at one instant: a read that saw
                     // half of a change shows as a state no order explains.
                     _ => Op::BatchGet {
-                        users: load.users.min(MAX_BATCH) as Key,
-                        customers: load.customers.min(MAX_BATCH) as Key,
+                        users: (load.users * load.accounts).min(MAX_BATCH) as Key
+                            / load.accounts as Key,
+                        customers: (load.customers * load.accounts).min(MAX_BATCH) as Key
+                            / load.accounts as Key,
+                        accounts: load.accounts as Key,
                     },
                 };
                 let deadline = rng.random_range(load.deadline / 8..=load.deadline);
                 let invoked = started.elapsed().as_nanos() as u64;
                 let outcome = call(&mut client, op, deadline).await;
                 only_reads = outcome == Outcome::Unknown;
+                if let (Op::Prepare(u), Outcome::Prepared(generation)) = (op, outcome) {
+                    prepared = Some((u, generation));
+                }
                 let completed = if outcome == Outcome::Unknown {
                     tokio::time::sleep(load.pause_after_unknown).await;
                     u64::MAX
@@ -497,19 +592,37 @@ pub async fn run_load(
 }
 
 fn user(k: Key) -> String {
-    format!("user-{k}")
+    format!("user-{}", k % ACCOUNT_SPAN)
 }
 fn customer(k: Key) -> String {
-    format!("cus_{k}")
+    format!("cus_{}", k % ACCOUNT_SPAN)
 }
-fn parse_user(s: &str) -> Key {
+/// The Stripe account of `k`.
+fn account(k: Key) -> String {
+    match k / ACCOUNT_SPAN {
+        0 => String::new(),
+        n => format!("acct_{n}"),
+    }
+}
+fn parse_account(s: &str) -> Key {
+    if s.is_empty() {
+        return 0;
+    }
+    s.strip_prefix("acct_")
+        .and_then(|n| n.parse::<Key>().ok())
+        .map(|n| n * ACCOUNT_SPAN)
+        .unwrap_or_else(|| panic!("unexpected account {s:?}"))
+}
+fn parse_user(s: &str, account: &str) -> Key {
     s.strip_prefix("user-")
-        .and_then(|k| k.parse().ok())
+        .and_then(|k| k.parse::<Key>().ok())
+        .map(|k| k + parse_account(account))
         .unwrap_or_else(|| panic!("unexpected user {s:?}"))
 }
-fn parse_customer(s: &str) -> Key {
+fn parse_customer(s: &str, account: &str) -> Key {
     s.strip_prefix("cus_")
-        .and_then(|k| k.parse().ok())
+        .and_then(|k| k.parse::<Key>().ok())
+        .map(|k| k + parse_account(account))
         .unwrap_or_else(|| panic!("unexpected customer {s:?}"))
 }
 
@@ -522,16 +635,21 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
     let mapping = |m: Option<customer_mapping::proto::Mapping>| {
         let m = m.expect("a mapping");
         Outcome::Mapping(
-            parse_user(&m.user_id),
-            parse_customer(&m.stripe_customer_id),
+            parse_user(&m.user_id, &m.stripe_account),
+            parse_customer(&m.stripe_customer_id, &m.stripe_account),
         )
     };
     let result = match op {
-        Op::Link(u, c) => client
+        Op::Link(u, c) | Op::LinkPrepared(u, c, _) => client
             .link(with_deadline(
                 LinkRequest {
                     user_id: user(u),
                     stripe_customer_id: customer(c),
+                    stripe_account: account(u),
+                    prepared_generation: match op {
+                        Op::LinkPrepared(_, _, generation) => Some(i64::from(generation)),
+                        _ => None,
+                    },
                 },
                 deadline,
             ))
@@ -547,6 +665,7 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             .get(with_deadline(
                 GetRequest {
                     key: Some(get_request::Key::UserId(user(u))),
+                    stripe_account: account(u),
                 },
                 deadline,
             ))
@@ -556,6 +675,7 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             .get(with_deadline(
                 GetRequest {
                     key: Some(get_request::Key::StripeCustomerId(customer(c))),
+                    stripe_account: account(c),
                 },
                 deadline,
             ))
@@ -565,6 +685,7 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             .unlink(with_deadline(
                 UnlinkRequest {
                     key: Some(unlink_request::Key::UserId(user(u))),
+                    stripe_account: account(u),
                     ..Default::default()
                 },
                 deadline,
@@ -575,6 +696,7 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
             .unlink(with_deadline(
                 UnlinkRequest {
                     key: Some(unlink_request::Key::StripeCustomerId(customer(c))),
+                    stripe_account: account(c),
                     ..Default::default()
                 },
                 deadline,
@@ -586,6 +708,7 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
                 UnlinkRequest {
                     key: Some(unlink_request::Key::UserId(user(u))),
                     expected_counterpart: customer(c),
+                    stripe_account: account(u),
                 },
                 deadline,
             ))
@@ -596,42 +719,76 @@ async fn call(client: &mut CustomerMappingClient<Channel>, op: Op, deadline: Dur
                 UnlinkRequest {
                     key: Some(unlink_request::Key::StripeCustomerId(customer(c))),
                     expected_counterpart: user(u),
+                    stripe_account: account(c),
                 },
                 deadline,
             ))
             .await
             .map(|r| mapping(r.into_inner().mapping)),
-        Op::BatchGet { users, customers } => {
-            let keys = (0..users)
-                .map(|u| mapping_key::Key::UserId(user(u)))
-                .chain((0..customers).map(|c| mapping_key::Key::StripeCustomerId(customer(c))))
-                .map(|key| MappingKey { key: Some(key) })
+        Op::BatchGet {
+            users,
+            customers,
+            accounts,
+        } => {
+            let key = |k: Key, side: mapping_key::Key| MappingKey {
+                key: Some(side),
+                stripe_account: account(k),
+            };
+            let keys = batch_keys(users, accounts)
+                .map(|u| key(u, mapping_key::Key::UserId(user(u))))
+                .chain(
+                    batch_keys(customers, accounts)
+                        .map(|c| key(c, mapping_key::Key::StripeCustomerId(customer(c)))),
+                )
                 .collect();
             client
                 .batch_get(with_deadline(BatchGetRequest { keys }, deadline))
                 .await
-                .map(|r| batch_outcome(r.into_inner().results, users))
+                .map(|r| batch_outcome(r.into_inner().results, users, customers, accounts))
         }
+        Op::Prepare(u) => client
+            .prepare_link(with_deadline(
+                PrepareLinkRequest {
+                    user_id: user(u),
+                    stripe_account: account(u),
+                },
+                deadline,
+            ))
+            .await
+            .map(|r| match r.into_inner().outcome {
+                Some(prepare_link_response::Outcome::Mapping(m)) => mapping(Some(m)),
+                Some(prepare_link_response::Outcome::Creation(creation)) => Outcome::Prepared(
+                    Generation::try_from(creation.generation).expect("a small generation"),
+                ),
+                None => panic!("PrepareLink answered nothing"),
+            }),
     };
     result.unwrap_or_else(|status| error_outcome(&status))
 }
 
 /// The results of [`Op::BatchGet`], checked to answer the keys asked.
-fn batch_outcome(results: Vec<BatchGetResult>, users: Key) -> Outcome {
+fn batch_outcome(
+    results: Vec<BatchGetResult>,
+    users: Key,
+    customers: Key,
+    accounts: Key,
+) -> Outcome {
     let (mut of_users, mut of_customers) = ([NONE; MAX_BATCH], [NONE; MAX_BATCH]);
+    let asked_users: Vec<Key> = batch_keys(users, accounts).collect();
+    let asked_customers: Vec<Key> = batch_keys(customers, accounts).collect();
     for (i, result) in results.into_iter().enumerate() {
         let Some(m) = result.mapping else { continue };
         let (u, c) = (
-            parse_user(&m.user_id),
-            parse_customer(&m.stripe_customer_id),
+            parse_user(&m.user_id, &m.stripe_account),
+            parse_customer(&m.stripe_customer_id, &m.stripe_account),
         );
-        if i < users as usize {
-            assert_eq!(u as usize, i, "BatchGet answered another user's key");
+        if i < asked_users.len() {
+            assert_eq!(u, asked_users[i], "BatchGet answered another user's key");
             of_users[i] = c;
         } else {
-            let asked = i - users as usize;
+            let asked = i - asked_users.len();
             assert_eq!(
-                c as usize, asked,
+                c, asked_customers[asked],
                 "BatchGet answered another customer's key"
             );
             of_customers[asked] = u;
@@ -645,23 +802,31 @@ fn error_outcome(status: &Status) -> Outcome {
         Code::AlreadyExists => {
             let info = status.get_details_error_info().expect("ErrorInfo");
             match info.reason.as_str() {
-                "USER_ALREADY_LINKED" => {
-                    Outcome::UserTaken(parse_customer(&info.metadata["stripeCustomerId"]))
-                }
-                "CUSTOMER_ALREADY_LINKED" => {
-                    Outcome::CustomerTaken(parse_user(&info.metadata["userId"]))
-                }
+                "USER_ALREADY_LINKED" => Outcome::UserTaken(parse_customer(
+                    &info.metadata["stripeCustomerId"],
+                    &info.metadata["stripeAccount"],
+                )),
+                "CUSTOMER_ALREADY_LINKED" => Outcome::CustomerTaken(parse_user(
+                    &info.metadata["userId"],
+                    &info.metadata["stripeAccount"],
+                )),
                 other => panic!("unexpected reason {other}"),
             }
         }
         Code::NotFound => Outcome::NotFound,
         Code::FailedPrecondition => {
             let info = status.get_details_error_info().expect("ErrorInfo");
-            assert_eq!(info.reason, "MAPPING_CHANGED", "{status:?}");
-            Outcome::Changed(
-                parse_user(&info.metadata["userId"]),
-                parse_customer(&info.metadata["stripeCustomerId"]),
-            )
+            let metadata = &info.metadata;
+            match info.reason.as_str() {
+                "MAPPING_CHANGED" => Outcome::Changed(
+                    parse_user(&metadata["userId"], &metadata["stripeAccount"]),
+                    parse_customer(&metadata["stripeCustomerId"], &metadata["stripeAccount"]),
+                ),
+                "STALE_PREPARATION" => {
+                    Outcome::Stale(metadata["generation"].parse().expect("a generation"))
+                }
+                other => panic!("unexpected reason {other}: {status:?}"),
+            }
         }
         Code::Unavailable
         | Code::DeadlineExceeded
@@ -672,10 +837,11 @@ fn error_outcome(status: &Status) -> Outcome {
     }
 }
 
-/// The table as `(user, customer)` keys.
-pub fn table_pairs(rows: Vec<(String, String)>) -> HashSet<(Key, Key)> {
+/// The table as `(user, customer)` keys, from `(user, customer, account)`
+/// rows.
+pub fn table_pairs(rows: Vec<(String, String, String)>) -> HashSet<(Key, Key)> {
     rows.into_iter()
-        .map(|(u, c)| (parse_user(&u), parse_customer(&c)))
+        .map(|(u, c, a)| (parse_user(&u, &a), parse_customer(&c, &a)))
         .collect()
 }
 

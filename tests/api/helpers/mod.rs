@@ -256,6 +256,62 @@ impl TestApp {
         link(&mut self.client.clone(), user_id, stripe_customer_id).await
     }
 
+    /// Link in a Stripe account.
+    pub async fn link_in(
+        &self,
+        stripe_account: &str,
+        user_id: &str,
+        stripe_customer_id: &str,
+    ) -> Result<LinkResponse, Status> {
+        self.client
+            .clone()
+            .link(LinkRequest {
+                user_id: user_id.into(),
+                stripe_customer_id: stripe_customer_id.into(),
+                stripe_account: stripe_account.into(),
+                prepared_generation: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Get in a Stripe account.
+    pub async fn get_in(
+        &self,
+        stripe_account: &str,
+        key: get_request::Key,
+    ) -> Result<Mapping, Status> {
+        let reply = self
+            .client
+            .clone()
+            .get(GetRequest {
+                key: Some(key),
+                stripe_account: stripe_account.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(reply.mapping.expect("Get returns a mapping"))
+    }
+
+    /// Unlink in a Stripe account.
+    pub async fn unlink_in(
+        &self,
+        stripe_account: &str,
+        key: unlink_request::Key,
+    ) -> Result<Mapping, Status> {
+        let reply = self
+            .client
+            .clone()
+            .unlink(UnlinkRequest {
+                key: Some(key),
+                stripe_account: stripe_account.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(reply.mapping.expect("Unlink returns a mapping"))
+    }
+
     pub async fn get_by_user(&self, user_id: &str) -> Result<Mapping, Status> {
         get(
             &mut self.client.clone(),
@@ -318,6 +374,20 @@ pub async fn read_rows(db: &DatabaseConnection) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Every row of the table: `(user_id, stripe_customer_id, stripe_account)`.
+pub async fn read_mappings(db: &DatabaseConnection) -> Vec<(String, String, String)> {
+    use customer_mapping::store::entity::{Column, Entity};
+    use sea_orm::{EntityTrait, QueryOrder};
+    Entity::find()
+        .order_by_asc(Column::Id)
+        .all(db)
+        .await
+        .expect("the table is readable")
+        .into_iter()
+        .map(|r| (r.user_id, r.stripe_customer_id, r.stripe_account))
+        .collect()
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.server.abort();
@@ -333,6 +403,7 @@ pub async fn link(
         .link(LinkRequest {
             user_id: user_id.into(),
             stripe_customer_id: stripe_customer_id.into(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
@@ -340,7 +411,10 @@ pub async fn link(
 
 pub async fn get(client: &mut Client, key: get_request::Key) -> Result<Mapping, Status> {
     let reply = client
-        .get(GetRequest { key: Some(key) })
+        .get(GetRequest {
+            key: Some(key),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     Ok(reply.mapping.expect("Get returns a mapping"))
@@ -356,6 +430,7 @@ pub async fn unlink_expecting(
         .unlink(UnlinkRequest {
             key: Some(key),
             expected_counterpart: expected_counterpart.into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -395,7 +470,12 @@ pub fn assert_already_linked(
         info.metadata.get("stripeCustomerId").map(String::as_str),
         Some(stripe_customer_id)
     );
-    assert_eq!(info.metadata.len(), 2, "{:?}", info.metadata);
+    assert_eq!(
+        info.metadata.get("stripeAccount").map(String::as_str),
+        Some(""),
+        "a caller naming no account is told of the platform's own"
+    );
+    assert_eq!(info.metadata.len(), 3, "{:?}", info.metadata);
 }
 
 /// Asserts `status` is NOT_FOUND with reason MAPPING_NOT_FOUND.
