@@ -6,6 +6,7 @@ use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{DatabaseUrl, bounds};
+use crate::mapping::StripeAccount;
 
 /// `customer-mapping import`. The target is `DATABASE_URL`, as for
 /// `migrate`, but never its default (`Cli::load` refuses to import without
@@ -63,6 +64,11 @@ pub struct ImportArgs {
     #[arg(long, value_name = "COLUMN", requires = "from_database_url")]
     pub created_at_column: Option<String>,
 
+    /// The Stripe account every row belongs to: `acct_...` (a connected
+    /// account), or empty for the platform's own account.
+    #[arg(long, value_name = "ACCOUNT", default_value = "", value_parser = parse_account)]
+    pub stripe_account: StripeAccount,
+
     /// Write one CSV line per refused row here: where it was, both ids, the
     /// reason and the mapping that holds the user or the customer.
     #[arg(long, value_name = "PATH")]
@@ -75,6 +81,10 @@ pub struct ImportArgs {
     /// Rows per database statement.
     #[arg(long, value_name = "ROWS", default_value = "5000", value_parser = bounds::IMPORT_BATCH_ROWS)]
     pub batch_rows: usize,
+}
+
+fn parse_account(raw: &str) -> Result<StripeAccount, String> {
+    StripeAccount::parse(raw).map_err(|invalid| invalid.to_string())
 }
 
 /// The URL of the database an import reads from: PostgreSQL only, and a

@@ -177,9 +177,29 @@ struct Import {
     counters: Arc<Counters>,
     batch_rows: usize,
     dry_run: bool,
+    /// The Stripe account of every row.
+    account: StripeAccount,
     /// This run's name in the audit trail (`request_id` of its events).
     run_id: String,
     started: Instant,
+}
+
+/// Refuses to import into a connected account before the upgrade's last
+/// step, as Link does: a previous release may still serve the database.
+async fn require_accounts(db: &Database, timeout: std::time::Duration) -> Result<(), Failure> {
+    let enabled = db
+        .accounts_enabled(Instant::now() + timeout)
+        .await
+        .map_err(|err| Failure::Target(format!("cannot read the target database: {err}")))?;
+    if enabled {
+        return Ok(());
+    }
+    Err(Failure::Target(
+        "mappings of connected Stripe accounts are not enabled on the target yet: once no \
+         replica of the previous release serves it, run `customer-mapping migrate \
+         --enable-stripe-accounts`"
+            .to_owned(),
+    ))
 }
 
 impl Import {
@@ -212,6 +232,8 @@ impl Import {
             tracing::info!(
                 "the target database has no mappings table yet: the dry run treats it as empty"
             );
+        } else if !args.stripe_account.is_platform() {
+            require_accounts(&db, database.database_connect_timeout).await?;
         }
         let import = Self {
             db,
@@ -221,6 +243,7 @@ impl Import {
             counters: Arc::new(Counters::default()),
             batch_rows: args.batch_rows,
             dry_run: args.dry_run,
+            account: args.stripe_account.clone(),
             run_id: format!("import-{}", uuid::Uuid::new_v4().simple()),
             started: Instant::now(),
         };
@@ -368,7 +391,7 @@ impl Import {
                 let mapping = Mapping {
                     user_id: row.user_id,
                     stripe_customer_id: row.stripe_customer_id,
-                    stripe_account: StripeAccount::platform(),
+                    stripe_account: self.account.clone(),
                     created_at: row.created_at.unwrap_or(time),
                 };
                 let write = LinkWrite {

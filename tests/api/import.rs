@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use customer_mapping::proto::mapping_event::Kind;
+use customer_mapping::proto::{get_request, mapping_event::Kind};
 use futures::StreamExt;
 use helpers::{
     Backend, TestApp, TestDatabase,
@@ -30,6 +30,7 @@ on_both_databases!(
     the_replaced_applications_table_is_read_directly,
     of_two_contradicting_rows_the_first_in_primary_key_order_wins,
     links_through_the_server_during_an_import_are_arbitrated_by_the_same_constraints,
+    a_file_is_imported_into_the_stripe_account_it_names,
 );
 
 /// A CSV with one row of every kind, for a database where `user-taken` is
@@ -226,6 +227,76 @@ async fn every_row_gets_links_rules_and_every_refusal_is_reported(app: TestApp) 
     );
     let all = events_all(&mut app.client.clone(), None, 0).await;
     assert_eq!(all.iter().filter(|e| e.caller == "import").count(), 2);
+}
+
+/// `--stripe-account`: every row goes into that account, where the
+/// platform's mappings of the same ids are other keys; conflicts are
+/// within the account.
+async fn a_file_is_imported_into_the_stripe_account_it_names(app: TestApp) {
+    link_the_existing_mappings(&app).await;
+    app.link_in("acct_1", "user-9", "cus_C9")
+        .await
+        .expect("a Link in the account");
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(
+        dir.path(),
+        "in.csv",
+        "user_id,stripe_customer_id\nuser-taken,cus_B1\nuser-8,cus_T1\nuser-9,cus_B2\n",
+    );
+    let report = dir.path().join("report.csv");
+
+    let run = import_csv(
+        &app.database.url,
+        &csv,
+        &report,
+        &["--stripe-account", "acct_1"],
+    )
+    .await;
+
+    assert_eq!(
+        run.code, 1,
+        "one row conflicts in the account: {:?}",
+        run.events
+    );
+    assert_eq!(run.counts(), (3, 2, 0, 1));
+    let refused = report_rows(&report);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].1.as_str(), refused[0].5.as_str()),
+        ("user-9", "cus_C9"),
+        "refused for the account's own mapping"
+    );
+    let in_account = |u: &str| app.get_in("acct_1", get_request::Key::UserId(u.to_owned()));
+    let taken = in_account("user-taken").await.expect("Get in the account");
+    assert_eq!(
+        (
+            taken.stripe_customer_id.as_str(),
+            taken.stripe_account.as_str()
+        ),
+        ("cus_B1", "acct_1")
+    );
+    assert_eq!(
+        in_account("user-8").await.expect("Get").stripe_customer_id,
+        "cus_T1"
+    );
+    assert_eq!(
+        in_account("user-9").await.expect("Get").stripe_customer_id,
+        "cus_C9"
+    );
+    let platform = app.get_by_user("user-taken").await.expect("the platform's");
+    assert_eq!(
+        platform.stripe_customer_id, "cus_T1",
+        "the platform's mapping is untouched"
+    );
+
+    let bad = import_csv(
+        &app.database.url,
+        &csv,
+        &report,
+        &["--stripe-account", "acct-1"],
+    )
+    .await;
+    assert_eq!(bad.code, 2, "a malformed account is refused before reading");
 }
 
 async fn a_second_run_creates_nothing_and_refuses_the_same_rows(app: TestApp) {

@@ -223,6 +223,25 @@ async fn the_previous_release_keeps_writing_through_the_upgrade_and_loses_nothin
         assert_eq!(info.reason, "STRIPE_ACCOUNTS_NOT_ENABLED");
     }
 
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = helpers::import::write_csv(
+        dir.path(),
+        "in.csv",
+        "user_id,stripe_customer_id\nuser-new,cus_I1\n",
+    );
+    let import = helpers::import::import_csv(
+        &url,
+        &csv,
+        &dir.path().join("report.csv"),
+        &["--stripe-account", "acct_1"],
+    )
+    .await;
+    assert_eq!(
+        import.code, 3,
+        "an import into an account waits too: {:?}",
+        import.events
+    );
+
     customer_mapping::startup::migrate(
         &test_settings(url.clone()).database,
         &MigrateArgs {
