@@ -7,7 +7,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::{
     auth::AuthError,
-    mapping::{Error, Mapping, Side},
+    mapping::{Error, Mapping, Side, StripeAccount},
 };
 
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
@@ -79,15 +79,17 @@ impl From<Error> for Status {
                 ErrorDetails::with_error_info(
                     REASON_STALE_PREPARATION,
                     ERROR_DOMAIN,
-                    HashMap::from([
-                        (METADATA_USER_ID.to_owned(), user.into()),
-                        (METADATA_STRIPE_ACCOUNT.to_owned(), account.into()),
-                        (
-                            METADATA_PREPARED_GENERATION.to_owned(),
-                            prepared.count().to_string(),
-                        ),
-                        (METADATA_GENERATION.to_owned(), current.count().to_string()),
-                    ]),
+                    in_account(
+                        &account,
+                        [
+                            (METADATA_USER_ID.to_owned(), user.into()),
+                            (
+                                METADATA_PREPARED_GENERATION.to_owned(),
+                                prepared.count().to_string(),
+                            ),
+                            (METADATA_GENERATION.to_owned(), current.count().to_string()),
+                        ],
+                    ),
                 ),
             ),
             Error::AccountsNotEnabled => Status::with_error_details(
@@ -106,10 +108,7 @@ impl From<Error> for Status {
                     Side::User(id) => (METADATA_USER_ID, String::from(id)),
                     Side::Customer(id) => (METADATA_STRIPE_CUSTOMER_ID, String::from(id)),
                 };
-                let metadata = HashMap::from([
-                    (field.to_owned(), id),
-                    (METADATA_STRIPE_ACCOUNT.to_owned(), key.account.into()),
-                ]);
+                let metadata = in_account(&key.account, [(field.to_owned(), id)]);
                 Status::with_error_details(
                     Code::NotFound,
                     "no mapping for this key",
@@ -181,22 +180,39 @@ pub fn request_too_large(limit: usize) -> Status {
     ))
 }
 
+/// ErrorInfo metadata about a key or mapping of `account`: `stripeAccount`
+/// names a connected account and is absent for the platform's own, so a
+/// caller that names no account gets exactly the metadata it got before
+/// accounts existed.
+fn in_account<const N: usize>(
+    account: &StripeAccount,
+    entries: [(String, String); N],
+) -> HashMap<String, String> {
+    let mut metadata = HashMap::from(entries);
+    if !account.is_platform() {
+        metadata.insert(
+            METADATA_STRIPE_ACCOUNT.to_owned(),
+            account.as_str().to_owned(),
+        );
+    }
+    metadata
+}
+
 /// An error naming a mapping in its ErrorInfo: the one in the way.
 fn naming(code: Code, reason: &str, message: &str, existing: &Mapping) -> Status {
-    let metadata = HashMap::from([
-        (
-            METADATA_USER_ID.to_owned(),
-            existing.user_id.as_str().to_owned(),
-        ),
-        (
-            METADATA_STRIPE_CUSTOMER_ID.to_owned(),
-            existing.stripe_customer_id.as_str().to_owned(),
-        ),
-        (
-            METADATA_STRIPE_ACCOUNT.to_owned(),
-            existing.stripe_account.as_str().to_owned(),
-        ),
-    ]);
+    let metadata = in_account(
+        &existing.stripe_account,
+        [
+            (
+                METADATA_USER_ID.to_owned(),
+                existing.user_id.as_str().to_owned(),
+            ),
+            (
+                METADATA_STRIPE_CUSTOMER_ID.to_owned(),
+                existing.stripe_customer_id.as_str().to_owned(),
+            ),
+        ],
+    );
     Status::with_error_details(
         code,
         message,

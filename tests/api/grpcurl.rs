@@ -95,7 +95,7 @@ async fn grpcurl_links_by_reflection_and_decodes_error_details() {
             "Code: AlreadyExists",
             r#""@type":"type.googleapis.com/google.rpc.ErrorInfo""#,
             r#""reason":"USER_ALREADY_LINKED""#,
-            r#""metadata":{"stripeAccount":"","stripeCustomerId":"cus_NffrFeUfNV2Hib","userId":"user-42"}"#,
+            r#""metadata":{"stripeCustomerId":"cus_NffrFeUfNV2Hib","userId":"user-42"}"#,
         ],
     );
 

@@ -797,6 +797,11 @@ fn batch_outcome(
     Outcome::Batch(of_users, of_customers)
 }
 
+/// The account an ErrorInfo names: absent for the platform's own.
+fn account_of(metadata: &std::collections::HashMap<String, String>) -> &str {
+    metadata.get("stripeAccount").map_or("", String::as_str)
+}
+
 fn error_outcome(status: &Status) -> Outcome {
     match status.code() {
         Code::AlreadyExists => {
@@ -804,11 +809,11 @@ fn error_outcome(status: &Status) -> Outcome {
             match info.reason.as_str() {
                 "USER_ALREADY_LINKED" => Outcome::UserTaken(parse_customer(
                     &info.metadata["stripeCustomerId"],
-                    &info.metadata["stripeAccount"],
+                    account_of(&info.metadata),
                 )),
                 "CUSTOMER_ALREADY_LINKED" => Outcome::CustomerTaken(parse_user(
                     &info.metadata["userId"],
-                    &info.metadata["stripeAccount"],
+                    account_of(&info.metadata),
                 )),
                 other => panic!("unexpected reason {other}"),
             }
@@ -819,8 +824,8 @@ fn error_outcome(status: &Status) -> Outcome {
             let metadata = &info.metadata;
             match info.reason.as_str() {
                 "MAPPING_CHANGED" => Outcome::Changed(
-                    parse_user(&metadata["userId"], &metadata["stripeAccount"]),
-                    parse_customer(&metadata["stripeCustomerId"], &metadata["stripeAccount"]),
+                    parse_user(&metadata["userId"], account_of(metadata)),
+                    parse_customer(&metadata["stripeCustomerId"], account_of(metadata)),
                 ),
                 "STALE_PREPARATION" => {
                     Outcome::Stale(metadata["generation"].parse().expect("a generation"))
