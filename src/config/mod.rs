@@ -278,6 +278,7 @@ mod tests {
             "user_column",
             "customer_column",
             "created_at_column",
+            "stripe_account",
             "report",
             "dry_run",
             "help",

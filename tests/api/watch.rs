@@ -34,6 +34,7 @@ on_both_databases!(
     concurrent_changes_arrive_once_each_in_per_key_commit_order,
     a_reader_that_stops_reading_holds_up_no_other_and_loses_nothing,
     bad_cursors_are_invalid_argument_on_after,
+    changes_in_every_account_arrive_naming_their_account,
 );
 
 /// Links a pair no other test step uses and reads `stream` until its
@@ -114,6 +115,49 @@ async fn starting_now_gives_a_bookmark_then_every_later_change_in_order(app: Tes
     );
     let trail = events_all(&mut app.client.clone(), None, 0).await;
     assert_eq!(received.events, trail[1..], "events as ListEvents has them");
+}
+
+/// The same ids in two accounts are two mappings: a watcher (which names no
+/// account) gets the changes of both, each naming its account.
+async fn changes_in_every_account_arrive_naming_their_account(app: TestApp) {
+    let (mut stream, _) = watch_now(&mut app.client.clone()).await;
+    app.link("user-1", "cus_A1").await.expect("Link");
+    app.link_in("acct_1", "user-1", "cus_A1")
+        .await
+        .expect("Link in a connected account");
+    app.unlink_in(
+        "acct_1",
+        customer_mapping::proto::unlink_request::Key::UserId("user-1".into()),
+    )
+    .await
+    .expect("Unlink in the connected account");
+
+    let mut received = Received::default();
+    read_until(&mut stream, &mut received, 3).await;
+    let seen: Vec<(Kind, String, String)> = received
+        .events
+        .iter()
+        .map(|e| {
+            let m = e.mapping.as_ref().expect("a mapping");
+            (e.kind(), m.user_id.clone(), m.stripe_account.clone())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Kind::Linked, "user-1".into(), String::new()),
+            (Kind::Linked, "user-1".into(), "acct_1".into()),
+            (Kind::Unlinked, "user-1".into(), "acct_1".into()),
+        ]
+    );
+    assert_eq!(
+        app.get_by_user("user-1")
+            .await
+            .expect("Get")
+            .stripe_customer_id,
+        "cus_A1",
+        "the platform's mapping was not the one unlinked"
+    );
 }
 
 async fn from_the_beginning_replays_the_trail_then_follows(app: TestApp) {
