@@ -43,6 +43,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<()> {
+    // Listening before the server answers anything: see `shutdown_signal`.
+    let shutdown = customer_mapping::shutdown::shutdown_signal();
     let app = Application::build(settings).await?;
     tracing::info!(
         addr = %app.local_addr(),
@@ -55,8 +57,7 @@ async fn serve(settings: &customer_mapping::config::Settings) -> anyhow::Result<
         database = %settings.database.redacted_url(),
         "serving customermapping.v1.CustomerMapping"
     );
-    app.run_until(customer_mapping::shutdown::shutdown_signal())
-        .await?;
+    app.run_until(shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -130,7 +130,10 @@ enum Failure {
 /// logged: one summary line, or one error line saying what is wrong.
 pub async fn run(settings: &Settings, args: &ImportArgs) -> ExitCode {
     let interrupted = CancellationToken::new();
-    tokio::spawn(watch_for_interrupts(interrupted.clone()));
+    tokio::spawn(watch_for_interrupts(
+        crate::shutdown::shutdown_signal(),
+        interrupted.clone(),
+    ));
     let (mut import, source) = match Import::start(settings, args).await {
         Ok(started) => started,
         Err(failure) => return fail(failure),
@@ -142,8 +145,8 @@ pub async fn run(settings: &Settings, args: &ImportArgs) -> ExitCode {
 /// The first SIGINT or SIGTERM ends the import after the batch in flight;
 /// a second one ends the process at once (nothing reported as imported is
 /// lost either way: a batch counts only once committed).
-async fn watch_for_interrupts(interrupted: CancellationToken) {
-    crate::shutdown::shutdown_signal().await;
+async fn watch_for_interrupts(first: impl Future<Output = ()>, interrupted: CancellationToken) {
+    first.await;
     interrupted.cancel();
     tracing::warn!("interrupted: stopping after the batch in flight (interrupt again to stop now)");
     crate::shutdown::shutdown_signal().await;
