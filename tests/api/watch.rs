@@ -10,7 +10,7 @@ use crate::helpers;
 
 use std::time::{Duration, Instant};
 
-use customer_mapping::proto::{MappingEvent, mapping_event::Kind};
+use customer_mapping::proto::{Mapping, MappingEvent, mapping_event::Kind};
 use helpers::{
     Backend, Client, TestApp, TestDatabase, assert_invalid,
     bulk::events_all,
@@ -59,6 +59,21 @@ async fn read_to_marker(
     assert!(is_of(last, &user), "the marker, committed last, comes last");
 }
 
+/// Each received event's kind, user and one more field of its mapping.
+fn kinds_users_and(
+    received: &Received,
+    other: impl Fn(&Mapping) -> String,
+) -> Vec<(Kind, String, String)> {
+    received
+        .events
+        .iter()
+        .map(|e| {
+            let m = e.mapping.as_ref().expect("a mapping");
+            (e.kind(), m.user_id.clone(), other(m))
+        })
+        .collect()
+}
+
 fn is_of(event: &MappingEvent, user: &str) -> bool {
     event.mapping.as_ref().is_some_and(|m| m.user_id == user)
 }
@@ -96,14 +111,7 @@ async fn starting_now_gives_a_bookmark_then_every_later_change_in_order(app: Tes
 
     let mut received = Received::default();
     read_until(&mut stream, &mut received, 3).await;
-    let seen: Vec<(Kind, String, String)> = received
-        .events
-        .iter()
-        .map(|e| {
-            let m = e.mapping.as_ref().expect("a mapping");
-            (e.kind(), m.user_id.clone(), m.stripe_customer_id.clone())
-        })
-        .collect();
+    let seen = kinds_users_and(&received, |m| m.stripe_customer_id.clone());
     assert_eq!(
         seen,
         [
@@ -134,14 +142,7 @@ async fn changes_in_every_account_arrive_naming_their_account(app: TestApp) {
 
     let mut received = Received::default();
     read_until(&mut stream, &mut received, 3).await;
-    let seen: Vec<(Kind, String, String)> = received
-        .events
-        .iter()
-        .map(|e| {
-            let m = e.mapping.as_ref().expect("a mapping");
-            (e.kind(), m.user_id.clone(), m.stripe_account.clone())
-        })
-        .collect();
+    let seen = kinds_users_and(&received, |m| m.stripe_account.clone());
     assert_eq!(
         seen,
         [
