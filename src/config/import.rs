@@ -16,8 +16,8 @@ use crate::mapping::StripeAccount;
     clap::ArgGroup::new("source").required(true).args(["csv", "from_database_url"])
 ))]
 pub struct ImportArgs {
-    /// A CSV file with the header `user_id,stripe_customer_id` and
-    /// optionally `created_at` (RFC 3339).
+    /// A CSV file with the header `user_id,stripe_customer_id`, optionally
+    /// `created_at` (RFC 3339), and the `--account-column` if given.
     #[arg(long, value_name = "PATH")]
     pub csv: Option<PathBuf>,
 
@@ -68,6 +68,12 @@ pub struct ImportArgs {
     /// account), or empty for the platform's own account.
     #[arg(long, value_name = "ACCOUNT", default_value = "", value_parser = parse_account)]
     pub stripe_account: StripeAccount,
+
+    /// The column (of the CSV file or of `--table`) holding each row's
+    /// Stripe account: `acct_...`, or empty (or NULL) for the platform's
+    /// own account.
+    #[arg(long, value_name = "COLUMN", conflicts_with = "stripe_account")]
+    pub account_column: Option<String>,
 
     /// Write one CSV line per refused row here: where it was, both ids, the
     /// reason and the mapping that holds the user or the customer.

@@ -51,7 +51,7 @@ pub enum Command {
     /// no row was refused, 1 when some were, 2 on bad arguments or an
     /// unreadable source, 3 when the target database failed, 130 when
     /// interrupted.
-    Import(ImportArgs),
+    Import(Box<ImportArgs>),
 }
 
 /// What `migrate` does besides applying the pending migrations.
@@ -278,6 +278,7 @@ mod tests {
             "user_column",
             "customer_column",
             "created_at_column",
+            "account_column",
             "stripe_account",
             "report",
             "dry_run",

@@ -39,12 +39,24 @@ impl InputIndex {
 
     /// The keys of `row`, for the batching rule.
     pub fn keys(&self, row: &Valid) -> LinkKeys {
-        self.fingerprints
-            .of(row.user_id.as_str(), row.stripe_customer_id.as_str())
+        self.fingerprints.of(
+            row.stripe_account.as_str(),
+            row.user_id.as_str(),
+            row.stripe_customer_id.as_str(),
+        )
+    }
+
+    fn sides_of(&self, mapping: &Mapping) -> LinkKeys {
+        self.fingerprints.of(
+            mapping.stripe_account.as_str(),
+            mapping.user_id.as_str(),
+            mapping.stripe_customer_id.as_str(),
+        )
     }
 
     fn pair(&self, mapping: &Mapping) -> u64 {
         self.fingerprints.pair(
+            mapping.stripe_account.as_str(),
             mapping.user_id.as_str(),
             mapping.stripe_customer_id.as_str(),
         )
@@ -52,11 +64,9 @@ impl InputIndex {
 
     pub fn accept(&mut self, mapping: &Mapping) {
         self.pairs.insert(self.pair(mapping));
+        let keys = self.sides_of(mapping);
         if let Some(sides) = &mut self.sides {
-            sides.add(self.fingerprints.of(
-                mapping.user_id.as_str(),
-                mapping.stripe_customer_id.as_str(),
-            ));
+            sides.add(keys);
         }
     }
 
@@ -71,10 +81,7 @@ impl InputIndex {
         if self.accepted(mapping) {
             return Outcome::Present;
         }
-        let keys = self.fingerprints.of(
-            mapping.user_id.as_str(),
-            mapping.stripe_customer_id.as_str(),
-        );
+        let keys = self.sides_of(mapping);
         match &self.sides {
             Some(sides) if !sides.admits(keys) => Outcome::ConflictInInput,
             _ => Outcome::Created,

@@ -6,8 +6,8 @@
 //! them on its own thread while the previous batch is in the database, and
 //! only a few batches are ever in memory. Batches are applied one after the
 //! other, in input order, so "an earlier row of the same input" means what
-//! it says; within a batch no two rows share a user or a customer (a row
-//! that would starts the next batch), so one statement decides a whole
+//! it says; within a batch no two rows share a user or a customer in one
+//! account (a row that would starts the next batch), so one statement decides a whole
 //! batch (`store::import`).
 //!
 //! What the import remembers of the rows it has accepted is their
@@ -64,6 +64,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 pub enum Reason {
     InvalidUserId,
     InvalidStripeCustomerId,
+    InvalidStripeAccount,
     InvalidCreatedAt,
     /// A CSV line with a number of fields other than the header's.
     MalformedRow,
@@ -77,6 +78,7 @@ impl Reason {
         match self {
             Reason::InvalidUserId => "INVALID_USER_ID",
             Reason::InvalidStripeCustomerId => "INVALID_STRIPE_CUSTOMER_ID",
+            Reason::InvalidStripeAccount => "INVALID_STRIPE_ACCOUNT",
             Reason::InvalidCreatedAt => "INVALID_CREATED_AT",
             Reason::MalformedRow => "MALFORMED_ROW",
             Reason::UserAlreadyLinked => "USER_ALREADY_LINKED",
@@ -93,8 +95,10 @@ pub struct Refusal {
     pub at: u64,
     pub user_id: String,
     pub stripe_customer_id: String,
+    pub stripe_account: String,
     pub reason: Reason,
-    /// The mapping holding the user or the customer, when there is one.
+    /// The mapping holding the user or the customer (in the row's account),
+    /// when there is one.
     pub existing: Option<(String, String)>,
     pub detail: String,
 }
@@ -105,6 +109,7 @@ pub struct Valid {
     pub at: u64,
     pub user_id: UserId,
     pub stripe_customer_id: StripeCustomerId,
+    pub stripe_account: StripeAccount,
     /// The source's own time of creation; the import's time when it has
     /// none.
     pub created_at: Option<DateTime<Utc>>,
@@ -180,8 +185,6 @@ struct Import {
     counters: Arc<Counters>,
     batch_rows: usize,
     dry_run: bool,
-    /// The Stripe account of every row.
-    account: StripeAccount,
     /// This run's name in the audit trail (`request_id` of its events).
     run_id: String,
     started: Instant,
@@ -210,8 +213,12 @@ impl Import {
     /// ends the import before it reads a row.
     async fn start(settings: &Settings, args: &ImportArgs) -> Result<(Self, Source), Failure> {
         let source = Source::open(args).await.map_err(Failure::Source)?;
-        let report = Report::create(args.report.as_deref(), source.position_name())
-            .map_err(Failure::Source)?;
+        let report = Report::create(
+            args.report.as_deref(),
+            source.position_name(),
+            args.account_column.is_some(),
+        )
+        .map_err(Failure::Source)?;
         let database = &settings.database;
         // A dry run writes nothing, not even the schema.
         let migrations = if args.dry_run {
@@ -235,7 +242,7 @@ impl Import {
             tracing::info!(
                 "the target database has no mappings table yet: the dry run treats it as empty"
             );
-        } else if !args.stripe_account.is_platform() {
+        } else if args.account_column.is_some() || !args.stripe_account.is_platform() {
             require_accounts(&db, database.database_connect_timeout).await?;
         }
         let import = Self {
@@ -246,7 +253,6 @@ impl Import {
             counters: Arc::new(Counters::default()),
             batch_rows: args.batch_rows,
             dry_run: args.dry_run,
-            account: args.stripe_account.clone(),
             run_id: format!("import-{}", uuid::Uuid::new_v4().simple()),
             started: Instant::now(),
         };
@@ -394,7 +400,7 @@ impl Import {
                 let mapping = Mapping {
                     user_id: row.user_id,
                     stripe_customer_id: row.stripe_customer_id,
-                    stripe_account: self.account.clone(),
+                    stripe_account: row.stripe_account,
                     created_at: row.created_at.unwrap_or(time),
                 };
                 let write = LinkWrite {
@@ -467,6 +473,7 @@ impl Import {
             at: *at,
             user_id: mapping.user_id.to_string(),
             stripe_customer_id: mapping.stripe_customer_id.to_string(),
+            stripe_account: mapping.stripe_account.to_string(),
             reason,
             existing: holder.map(|h| (h.user_id.into(), h.stripe_customer_id.into())),
             detail: detail.to_owned(),
@@ -538,7 +545,8 @@ impl Import {
     }
 }
 
-/// Rows to apply in one statement, no two sharing a user or a customer.
+/// Rows to apply in one statement, no two sharing a user or a customer in
+/// one account.
 #[derive(Default)]
 struct Batch {
     rows: Vec<Valid>,

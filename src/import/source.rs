@@ -20,7 +20,7 @@ use tokio_stream::StreamExt;
 use super::{Reason, Refusal, Row, Valid, progress::Position};
 use crate::{
     config::ImportArgs,
-    mapping::{StripeCustomerId, UserId},
+    mapping::{InvalidId, StripeAccount, StripeCustomerId, UserId},
 };
 
 /// How long connecting to the source database may take.
@@ -37,6 +37,8 @@ pub type Chunk = Result<Vec<Row>, String>;
 
 pub struct Source {
     kind: Kind,
+    /// The account of a row without a column naming one (`--stripe-account`).
+    every_account: StripeAccount,
     position: Arc<Position>,
 }
 
@@ -50,6 +52,8 @@ enum Kind {
         name: String,
         conn: PgConnection,
         select: String,
+        /// Whether the select reads an account column.
+        has_account: bool,
     },
 }
 
@@ -57,6 +61,7 @@ enum Kind {
 struct CsvColumns {
     user_id: usize,
     stripe_customer_id: usize,
+    stripe_account: Option<usize>,
     created_at: Option<usize>,
     count: usize,
 }
@@ -65,20 +70,37 @@ impl Source {
     /// Opens and checks the source; the error is one line for the operator.
     pub async fn open(args: &ImportArgs) -> Result<Self, String> {
         let position = Arc::new(Position::default());
+        if let Some(column) = &args.account_column {
+            let others = [USER_ID, STRIPE_CUSTOMER_ID, CREATED_AT]
+                .into_iter()
+                .chain([args.user_column.as_str(), args.customer_column.as_str()])
+                .chain(args.created_at_column.as_deref());
+            if others.into_iter().any(|other| other == column) {
+                return Err(format!(
+                    "--account-column {column} names a column that holds another field"
+                ));
+            }
+        }
         let kind = match (&args.csv, &args.from_database_url, &args.table) {
             (Some(_), _, Some(_)) => {
                 return Err(
                     "--table names a table of --from-database-url; give it or --csv".into(),
                 );
             }
-            (Some(path), _, _) => open_csv(path.clone(), &position)?,
+            (Some(path), _, _) => {
+                open_csv(path.clone(), args.account_column.as_deref(), &position)?
+            }
             (None, Some(url), Some(table)) => {
                 open_table(url.expose_secret(), table, args, &position).await?
             }
             // clap requires a source, and a table with a database URL.
             _ => return Err("give --csv PATH, or --from-database-url URL --table NAME".into()),
         };
-        Ok(Self { kind, position })
+        Ok(Self {
+            kind,
+            every_account: args.stripe_account.clone(),
+            position,
+        })
     }
 
     /// What the report's first column is called.
@@ -104,21 +126,31 @@ impl Source {
     /// Reads every row on a task of its own, sending chunks of up to
     /// `rows` rows; stops when the receiver is gone.
     pub fn spawn(self, rows: usize, tx: mpsc::Sender<Chunk>) -> tokio::task::JoinHandle<()> {
-        let position = self.position;
+        let (position, every) = (self.position, self.every_account);
         match self.kind {
             Kind::Csv {
                 reader, columns, ..
             } => tokio::task::spawn_blocking(move || {
-                read_csv(reader, &columns, rows, &tx, &position)
+                read_csv(reader, &columns, &every, rows, &tx, &position)
             }),
-            Kind::Table { conn, select, .. } => {
-                tokio::spawn(read_table(conn, select, rows, tx, position))
+            Kind::Table {
+                conn,
+                select,
+                has_account,
+                ..
+            } => {
+                let every = (!has_account).then_some(every);
+                tokio::spawn(read_table(conn, select, every, rows, tx, position))
             }
         }
     }
 }
 
-fn open_csv(path: PathBuf, position: &Position) -> Result<Kind, String> {
+fn open_csv(
+    path: PathBuf,
+    account_column: Option<&str>,
+    position: &Position,
+) -> Result<Kind, String> {
     let cannot = |why: String| format!("cannot read the CSV file {}: {why}", path.display());
     let file = File::open(&path).map_err(|e| cannot(e.to_string()))?;
     let total = file.metadata().map_err(|e| cannot(e.to_string()))?.len();
@@ -128,16 +160,25 @@ fn open_csv(path: PathBuf, position: &Position) -> Result<Kind, String> {
         .flexible(true)
         .from_reader(BufReader::with_capacity(256 * 1024, file));
     let header = reader.headers().map_err(|e| cannot(e.to_string()))?.clone();
-    let expected = "expected the header user_id,stripe_customer_id and optionally created_at";
+    let expected = match account_column {
+        Some(account) => format!(
+            "expected the header user_id,stripe_customer_id,{account} and optionally created_at"
+        ),
+        None => "expected the header user_id,stripe_customer_id and optionally created_at \
+                 (and with --account-column, a column of Stripe accounts)"
+            .to_owned(),
+    };
     if header.is_empty() || header.iter().all(str::is_empty) {
         return Err(cannot(format!("it is empty; {expected}")));
     }
     let (mut user_id, mut stripe_customer_id, mut created_at) = (None, None, None);
+    let mut stripe_account = None;
     for (i, name) in header.iter().enumerate() {
         let slot = match name.trim_start_matches('\u{feff}').trim() {
             USER_ID => &mut user_id,
             STRIPE_CUSTOMER_ID => &mut stripe_customer_id,
             CREATED_AT => &mut created_at,
+            other if Some(other) == account_column => &mut stripe_account,
             other => return Err(cannot(format!("unexpected column \"{other}\"; {expected}"))),
         };
         if slot.replace(i).is_some() {
@@ -149,12 +190,18 @@ fn open_csv(path: PathBuf, position: &Position) -> Result<Kind, String> {
             "no user_id or stripe_customer_id column; {expected}"
         )));
     };
+    if let (Some(account), None) = (account_column, stripe_account) {
+        return Err(cannot(format!(
+            "no column \"{account}\" (--account-column); {expected}"
+        )));
+    }
     Ok(Kind::Csv {
         path,
         reader,
         columns: CsvColumns {
             user_id,
             stripe_customer_id,
+            stripe_account,
             created_at,
             count: header.len(),
         },
@@ -164,6 +211,7 @@ fn open_csv(path: PathBuf, position: &Position) -> Result<Kind, String> {
 fn read_csv(
     mut reader: csv::Reader<BufReader<File>>,
     columns: &CsvColumns,
+    every_account: &StripeAccount,
     rows: usize,
     tx: &mpsc::Sender<Chunk>,
     position: &Position,
@@ -189,6 +237,9 @@ fn read_csv(
                 at,
                 user_id: field(columns.user_id).into_text(),
                 stripe_customer_id: field(columns.stripe_customer_id).into_text(),
+                stripe_account: columns
+                    .stripe_account
+                    .map_or_else(|| every_account.to_string(), |i| field(i).into_text()),
                 reason: Reason::MalformedRow,
                 existing: None,
                 detail: format!(
@@ -210,6 +261,7 @@ fn read_csv(
                 at,
                 field(columns.user_id),
                 field(columns.stripe_customer_id),
+                account(every_account, columns.stripe_account.map(field)),
                 created_at,
             )
         };
@@ -253,60 +305,91 @@ fn text(bytes: &[u8]) -> Text {
     }
 }
 
-/// Link's validation of one row.
+/// A row's account: the column's value when the source has one (empty
+/// or NULL: the platform's own account), otherwise `every`.
+fn account(every: &StripeAccount, read: Option<Text>) -> Result<StripeAccount, (String, String)> {
+    match read {
+        None => Ok(every.clone()),
+        Some(Text::Missing) => Ok(StripeAccount::platform()),
+        Some(text) => parsed(text, StripeAccount::parse),
+    }
+}
+
+/// A field parsed as an id; when it is not one, the field as read and why.
+fn parsed<T>(text: Text, parse: fn(String) -> Result<T, InvalidId>) -> Result<T, (String, String)> {
+    match text {
+        Text::Utf8(s) => parse(s.clone()).map_err(|e| (s, e.to_string())),
+        Text::NotUtf8(s) => Err((s, "must be UTF-8".to_owned())),
+        Text::Missing => Err((String::new(), "is missing (NULL)".to_owned())),
+    }
+}
+
+/// Link's validation of one row; a refusal names the first invalid field.
 fn check(
     at: u64,
     user_id: Text,
     stripe_customer_id: Text,
+    stripe_account: Result<StripeAccount, (String, String)>,
     created_at: Result<Option<DateTime<Utc>>, String>,
 ) -> Row {
-    let refuse = |reason, user_id: String, stripe_customer_id: String, detail: String| {
+    let refuse = |reason, detail, user_id, stripe_customer_id, stripe_account| {
         Row::Refused(Refusal {
             at,
             user_id,
             stripe_customer_id,
+            stripe_account,
             reason,
             existing: None,
             detail,
         })
     };
-    let user = match user_id {
-        Text::Utf8(s) => UserId::parse(s.clone()).map_err(|e| (s, e.to_string())),
-        Text::NotUtf8(s) => Err((s, "must be UTF-8".to_owned())),
-        Text::Missing => Err((String::new(), "is missing (NULL)".to_owned())),
-    };
-    let customer = match stripe_customer_id {
-        Text::Utf8(s) => StripeCustomerId::parse(s.clone()).map_err(|e| (s, e.to_string())),
-        Text::NotUtf8(s) => Err((s, "must be UTF-8".to_owned())),
-        Text::Missing => Err((String::new(), "is missing (NULL)".to_owned())),
-    };
-    match (user, customer, created_at) {
-        (Err((user, why)), customer, _) => refuse(
+    let user = parsed(user_id, UserId::parse);
+    let customer = parsed(stripe_customer_id, StripeCustomerId::parse);
+    match (user, customer, stripe_account, created_at) {
+        (Ok(user_id), Ok(stripe_customer_id), Ok(stripe_account), Ok(created_at)) => {
+            Row::Valid(Valid {
+                at,
+                user_id,
+                stripe_customer_id,
+                stripe_account,
+                // PostgreSQL keeps microseconds.
+                created_at: created_at.map(|t| t.trunc_subsecs(6)),
+            })
+        }
+        (Err((user, why)), customer, account, _) => refuse(
             Reason::InvalidUserId,
-            user,
-            customer.map_or_else(|(s, _)| s, String::from),
             format!("user_id {why}"),
+            user,
+            shown(customer),
+            shown(account),
         ),
-        (Ok(user), Err((customer, why)), _) => refuse(
+        (Ok(user), Err((customer, why)), account, _) => refuse(
             Reason::InvalidStripeCustomerId,
+            format!("stripe_customer_id {why}"),
             user.into(),
             customer,
-            format!("stripe_customer_id {why}"),
+            shown(account),
         ),
-        (Ok(user), Ok(customer), Err(why)) => refuse(
-            Reason::InvalidCreatedAt,
+        (Ok(user), Ok(customer), Err((account, why)), _) => refuse(
+            Reason::InvalidStripeAccount,
+            format!("the Stripe account {why}"),
             user.into(),
             customer.into(),
-            format!("created_at is {why}"),
+            account,
         ),
-        (Ok(user_id), Ok(stripe_customer_id), Ok(created_at)) => Row::Valid(Valid {
-            at,
-            user_id,
-            stripe_customer_id,
-            // PostgreSQL keeps microseconds.
-            created_at: created_at.map(|t| t.trunc_subsecs(6)),
-        }),
+        (Ok(user), Ok(customer), Ok(account), Err(why)) => refuse(
+            Reason::InvalidCreatedAt,
+            format!("created_at is {why}"),
+            user.into(),
+            customer.into(),
+            account.into(),
+        ),
     }
+}
+
+/// A field as read, valid or not.
+fn shown<T: Into<String>>(field: Result<T, (String, String)>) -> String {
+    field.map_or_else(|(read, _)| read, Into::into)
 }
 
 async fn open_table(
@@ -342,6 +425,7 @@ async fn open_table(
         name: table.to_owned(),
         conn,
         select,
+        has_account: args.account_column.is_some(),
     })
 }
 
@@ -435,6 +519,11 @@ fn check_columns(table: &str, columns: &[String], args: &ImportArgs) -> Result<(
         args.created_at_column
             .as_deref()
             .map(|c| ("--created-at-column", c)),
+    )
+    .chain(
+        args.account_column
+            .as_deref()
+            .map(|c| ("--account-column", c)),
     );
     for (flag, column) in named {
         if !columns.iter().any(|have| have == column) {
@@ -458,6 +547,10 @@ fn select_rows(
     primary_key: &[String],
 ) -> String {
     let (user, customer) = (quote(&args.user_column), quote(&args.customer_column));
+    let account = args
+        .account_column
+        .as_deref()
+        .map_or_else(|| "NULL".to_owned(), quote);
     let created = created_at.map_or_else(|| "NULL".to_owned(), quote);
     let ties: Vec<String> = match primary_key {
         [] => vec![user.clone(), customer.clone()],
@@ -469,7 +562,8 @@ fn select_rows(
         .chain(ties)
         .collect();
     format!(
-        "SELECT {user}::text, {customer}::text, {created}::timestamptz FROM {quoted} \
+        "SELECT {user}::text, {customer}::text, {account}::text, {created}::timestamptz \
+         FROM {quoted} \
          ORDER BY {}",
         order.join(", ")
     )
@@ -497,14 +591,22 @@ fn quote_table(schema: Option<&str>, name: &str) -> String {
     }
 }
 
+/// Reads the rows `select` selects; `every` is the account of every row
+/// when the table has no account column.
 async fn read_table(
     mut conn: PgConnection,
     select: String,
+    every: Option<StripeAccount>,
     rows: usize,
     tx: mpsc::Sender<Chunk>,
     position: Arc<Position>,
 ) {
-    type SourceRow = (Option<String>, Option<String>, Option<DateTime<Utc>>);
+    type SourceRow = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    );
     let mut n: u64 = 0;
     let mut chunk = Vec::with_capacity(rows);
     let mut stream = sqlx::query_as::<_, SourceRow>(sqlx::AssertSqlSafe(select)).fetch(&mut conn);
@@ -525,15 +627,20 @@ async fn read_table(
                 return;
             }
         };
-        let Some((user_id, stripe_customer_id, created_at)) = next else {
+        let Some((user_id, stripe_customer_id, stripe_account, created_at)) = next else {
             break;
         };
         n += 1;
         let text = |v: Option<String>| v.map_or(Text::Missing, Text::Utf8);
+        let stripe_account = match &every {
+            Some(every) => Ok(every.clone()),
+            None => account(&StripeAccount::platform(), Some(text(stripe_account))),
+        };
         chunk.push(check(
             n,
             text(user_id),
             text(stripe_customer_id),
+            stripe_account,
             Ok(created_at),
         ));
         if chunk.len() >= rows {

@@ -149,8 +149,9 @@ impl LinkAttempt {
     }
 }
 
-/// The keys of one Link, as fingerprints: users and customers are hashed
-/// apart, so that a user id equal to a customer id is another key.
+/// The keys of one Link, as fingerprints of its user and its customer in
+/// its account: users and customers are hashed apart, so that a user id
+/// equal to a customer id is another key, and so are accounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkKeys {
     user: u64,
@@ -162,23 +163,23 @@ pub struct LinkKeys {
 pub struct KeyFingerprints(RandomState);
 
 impl KeyFingerprints {
-    pub fn of(&self, user_id: &str, stripe_customer_id: &str) -> LinkKeys {
+    pub fn of(&self, account: &str, user_id: &str, stripe_customer_id: &str) -> LinkKeys {
         LinkKeys {
-            user: self.0.hash_one((0u8, user_id)),
-            customer: self.0.hash_one((1u8, stripe_customer_id)),
+            user: self.0.hash_one((0u8, account, user_id)),
+            customer: self.0.hash_one((1u8, account, stripe_customer_id)),
         }
     }
 
-    /// A fingerprint of the pair itself.
-    pub fn pair(&self, user_id: &str, stripe_customer_id: &str) -> u64 {
-        self.0.hash_one((2u8, user_id, stripe_customer_id))
+    /// A fingerprint of the pair itself, in its account.
+    pub fn pair(&self, account: &str, user_id: &str, stripe_customer_id: &str) -> u64 {
+        self.0.hash_one((2u8, account, user_id, stripe_customer_id))
     }
 }
 
 /// The keys of Links that go into one statement, or that are in flight.
 ///
 /// The batching rule: **no two Links of one statement share a user or a
-/// customer.** Each is then decided against mappings outside the statement,
+/// customer in one account.** Each is then decided against mappings outside the statement,
 /// exactly as if it were alone. A fingerprint collision only makes a Link
 /// wait for the next statement.
 #[derive(Debug, Default)]
@@ -306,14 +307,16 @@ mod tests {
     #[test]
     fn a_key_set_admits_links_sharing_no_key() {
         let fingerprints = KeyFingerprints::default();
+        let of = |user, customer| fingerprints.of("", user, customer);
         let mut set = KeySet::default();
-        set.add(fingerprints.of("u1", "cus_1"));
-        assert!(!set.admits(fingerprints.of("u1", "cus_2")));
-        assert!(!set.admits(fingerprints.of("u2", "cus_1")));
-        assert!(set.admits(fingerprints.of("u2", "cus_2")));
-        // Users and customers are hashed apart.
-        assert!(set.admits(fingerprints.of("cus_1", "u1")));
-        set.remove(fingerprints.of("u1", "cus_1"));
-        assert!(set.admits(fingerprints.of("u1", "cus_2")));
+        set.add(of("u1", "cus_1"));
+        assert!(!set.admits(of("u1", "cus_2")));
+        assert!(!set.admits(of("u2", "cus_1")));
+        assert!(set.admits(of("u2", "cus_2")));
+        // Users and customers are hashed apart, and so are accounts.
+        assert!(set.admits(of("cus_1", "u1")));
+        assert!(set.admits(fingerprints.of("acct_1", "u1", "cus_1")));
+        set.remove(of("u1", "cus_1"));
+        assert!(set.admits(of("u1", "cus_2")));
     }
 }

@@ -31,6 +31,8 @@ on_both_databases!(
     of_two_contradicting_rows_the_first_in_primary_key_order_wins,
     links_through_the_server_during_an_import_are_arbitrated_by_the_same_constraints,
     a_file_is_imported_into_the_stripe_account_it_names,
+    each_row_goes_into_the_stripe_account_its_column_names,
+    a_tables_account_column_is_read_with_null_as_the_platforms_account,
 );
 
 /// A CSV with one row of every kind, for a database where `user-taken` is
@@ -297,6 +299,227 @@ async fn a_file_is_imported_into_the_stripe_account_it_names(app: TestApp) {
     )
     .await;
     assert_eq!(bad.code, 2, "a malformed account is refused before reading");
+}
+
+/// A file whose rows name their accounts (`--account-column
+/// stripe_account`), for a database where the platform and `acct_1` both
+/// link `user-taken` to `cus_T1`. Link's rules apply within each account.
+const IN_THEIR_ACCOUNTS: &str = "\
+user_id,stripe_customer_id,stripe_account
+user-1,cus_A1,
+user-1,cus_A1,acct_1
+user-1,cus_A2,acct_2
+user-taken,cus_B1,acct_1
+user-2,cus_A1,acct_1
+user-3,cus_A3,acct-3
+user-4,cus_A4,acct_1
+user-T2,cus_taken,
+";
+
+/// The report of [`IN_THEIR_ACCOUNTS`]: `(line, user, customer, account,
+/// reason, existing user, existing customer)`.
+const IN_THEIR_ACCOUNTS_REFUSED: [[&str; 7]; 3] = [
+    [
+        "5",
+        "user-taken",
+        "cus_B1",
+        "acct_1",
+        "USER_ALREADY_LINKED",
+        "user-taken",
+        "cus_T1",
+    ],
+    [
+        "6",
+        "user-2",
+        "cus_A1",
+        "acct_1",
+        "CONFLICT_IN_INPUT",
+        "user-1",
+        "cus_A1",
+    ],
+    [
+        "7",
+        "user-3",
+        "cus_A3",
+        "acct-3",
+        "INVALID_STRIPE_ACCOUNT",
+        "",
+        "",
+    ],
+];
+
+/// A report with a `stripe_account` column: its rows without the detail.
+fn report_rows_with_accounts(path: &Path) -> Vec<Vec<String>> {
+    let rows = read_report(path);
+    assert!(["line", "row"].contains(&rows[0][0].as_str()), "{rows:?}");
+    assert_eq!(
+        rows[0][1..],
+        [
+            "user_id",
+            "stripe_customer_id",
+            "stripe_account",
+            "reason",
+            "existing_user_id",
+            "existing_stripe_customer_id",
+            "detail"
+        ]
+    );
+    rows[1..]
+        .iter()
+        .map(|r| {
+            assert!(!r[7].is_empty(), "every refusal says why: {r:?}");
+            r[..7].to_vec()
+        })
+        .collect()
+}
+
+/// `--account-column`: each row is linked in the account it names, the
+/// same user or customer may be linked in many, and a dry run, which
+/// decides conflicts within the input itself, tells accounts apart too.
+async fn each_row_goes_into_the_stripe_account_its_column_names(app: TestApp) {
+    link_the_existing_mappings(&app).await;
+    app.link_in("acct_1", "user-taken", "cus_T1")
+        .await
+        .expect("a Link in the account");
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv = write_csv(dir.path(), "in.csv", IN_THEIR_ACCOUNTS);
+    let (dry, real) = (dir.path().join("dry.csv"), dir.path().join("real.csv"));
+    let by_column = ["--account-column", "stripe_account"];
+    let before = events_all(&mut app.client.clone(), None, 0).await;
+
+    let preview = import_csv(
+        &app.database.url,
+        &csv,
+        &dry,
+        &[&by_column[..], &["--dry-run"]].concat(),
+    )
+    .await;
+    let run = import_csv(&app.database.url, &csv, &real, &by_column).await;
+
+    assert_eq!(run.code, 1, "rows were refused: {:?}", run.events);
+    assert_eq!(run.counts(), (8, 4, 1, 3));
+    assert_eq!(preview.counts(), run.counts(), "{:?}", preview.events);
+    assert_eq!(
+        report_rows_with_accounts(&real),
+        IN_THEIR_ACCOUNTS_REFUSED.map(|row| row.map(str::to_owned))
+    );
+    let reason = |rows: Vec<Vec<String>>| {
+        rows.into_iter()
+            .map(|r| (r[0].clone(), r[4].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        reason(report_rows_with_accounts(&dry)),
+        reason(report_rows_with_accounts(&real))
+    );
+    let customer_in = |account: &'static str, user: &'static str| {
+        let app = &app;
+        async move {
+            app.get_in(account, get_request::Key::UserId(user.to_owned()))
+                .await
+                .map(|m| (m.stripe_customer_id, m.stripe_account))
+        }
+    };
+    for (account, user, customer) in [
+        ("", "user-1", "cus_A1"),
+        ("acct_1", "user-1", "cus_A1"),
+        ("acct_2", "user-1", "cus_A2"),
+        ("acct_1", "user-4", "cus_A4"),
+        ("acct_1", "user-taken", "cus_T1"),
+    ] {
+        assert_eq!(
+            customer_in(account, user).await.expect("Get"),
+            (customer.to_owned(), account.to_owned())
+        );
+    }
+    // Every created mapping's event names its account.
+    let mut created: Vec<(String, String)> = events_all(&mut app.client.clone(), None, 0)
+        .await
+        .into_iter()
+        .skip(before.len())
+        .map(|event| {
+            assert_eq!(event.kind(), Kind::Linked);
+            let mapping = event.mapping.expect("a mapping");
+            (mapping.stripe_account, mapping.user_id)
+        })
+        .collect();
+    created.sort();
+    assert_eq!(
+        created,
+        [
+            ("", "user-1"),
+            ("acct_1", "user-1"),
+            ("acct_1", "user-4"),
+            ("acct_2", "user-1")
+        ]
+        .map(|(a, u)| (a.to_owned(), u.to_owned()))
+    );
+}
+
+/// A Connect platform's own table, keyed by `id`, keeping each customer's
+/// account in `account` (NULL: the platform's own).
+async fn connect_platform_table() -> TestDatabase {
+    let source = TestDatabase::create(Backend::Postgres).await;
+    let db = Database::connect(&source.url).await.expect("connects");
+    db.execute_unprepared(
+        "CREATE TABLE customers (id INT PRIMARY KEY, user_id TEXT, stripe_customer_id TEXT, \
+         account TEXT); INSERT INTO customers VALUES (1, 'user-1', 'cus_A1', NULL), \
+         (2, 'user-1', 'cus_A1', 'acct_1'), (3, 'user-1', 'cus_B1', 'acct_1'), \
+         (4, 'user-2', 'cus_A2', 'acct 2'), (5, 'user-3', 'cus_A3', '')",
+    )
+    .await
+    .expect("the platform's table");
+    db.close().await.expect("closes");
+    source
+}
+
+async fn a_tables_account_column_is_read_with_null_as_the_platforms_account(app: TestApp) {
+    let dir = tempfile::tempdir().expect("a directory");
+    let report = dir.path().join("report.csv");
+    let source = connect_platform_table().await;
+
+    let run = import(
+        &app.database.url,
+        &[
+            "--from-database-url",
+            &source.url,
+            "--table",
+            "customers",
+            "--account-column",
+            "account",
+            "--report",
+            report.to_str().expect("a path"),
+        ],
+    )
+    .await;
+
+    assert_eq!(run.code, 1, "{:?}", run.events);
+    assert_eq!(run.counts(), (5, 3, 0, 2));
+    let refused: Vec<Vec<String>> = report_rows_with_accounts(&report)
+        .into_iter()
+        .map(|r| [&r[0], &r[3], &r[4], &r[5]].map(String::clone).to_vec())
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ["3", "acct_1", "CONFLICT_IN_INPUT", "user-1"],
+            ["4", "acct 2", "INVALID_STRIPE_ACCOUNT", ""],
+        ]
+        .map(|row| row.map(str::to_owned).to_vec())
+    );
+    let db = app.db().await;
+    let mut mappings = helpers::read_mappings(&db).await;
+    db.close().await.expect("closes");
+    mappings.sort();
+    assert_eq!(
+        mappings,
+        [
+            ("user-1", "cus_A1", ""),
+            ("user-1", "cus_A1", "acct_1"),
+            ("user-3", "cus_A3", ""),
+        ]
+        .map(|(u, c, a)| (u.to_owned(), c.to_owned(), a.to_owned()))
+    );
 }
 
 async fn a_second_run_creates_nothing_and_refuses_the_same_rows(app: TestApp) {
@@ -712,7 +935,7 @@ async fn bad_arguments_and_unreadable_sources_exit_2_with_one_line() {
     );
     let missing = dir.path().join("missing.csv").display().to_string();
     let unwritable = dir.path().join("no/such/dir/r.csv").display().to_string();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 11] = [
         (&[], "--csv"),
         (&["--csv", &missing], "cannot read the CSV file"),
         (&["--csv", &wrong_header], "unexpected column \\\"user\\\""),
@@ -736,6 +959,25 @@ async fn bad_arguments_and_unreadable_sources_exit_2_with_one_line() {
         (
             &["--csv", &good, "--report", &unwritable],
             "cannot write the report",
+        ),
+        (
+            &["--csv", &good, "--account-column", "account"],
+            "(--account-column)",
+        ),
+        (
+            &["--csv", &good, "--account-column", "user_id"],
+            "holds another field",
+        ),
+        (
+            &[
+                "--csv",
+                &good,
+                "--account-column",
+                "account",
+                "--stripe-account",
+                "acct_1",
+            ],
+            "cannot be used with",
         ),
     ];
     for (args, says) in cases {

@@ -241,6 +241,23 @@ async fn the_previous_release_keeps_writing_through_the_upgrade_and_loses_nothin
         "an import into an account waits too: {:?}",
         import.events
     );
+    let per_row = helpers::import::write_csv(
+        dir.path(),
+        "accounts.csv",
+        "user_id,stripe_customer_id,stripe_account\nuser-new,cus_I1,acct_1\n",
+    );
+    let import = helpers::import::import_csv(
+        &url,
+        &per_row,
+        &dir.path().join("report.csv"),
+        &["--account-column", "stripe_account"],
+    )
+    .await;
+    assert_eq!(
+        import.code, 3,
+        "so does one whose rows name their accounts: {:?}",
+        import.events
+    );
 
     customer_mapping::startup::migrate(
         &test_settings(url.clone()).database,

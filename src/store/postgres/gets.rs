@@ -100,7 +100,7 @@ impl Work for Get {
         }
     }
 
-    fn keys(_: &Key) -> Option<(&str, &str)> {
+    fn keys(_: &Key) -> Option<(&str, &str, &str)> {
         None
     }
 

@@ -66,8 +66,9 @@ pub(super) trait Work: Send + Sync + 'static {
     /// For metrics: `link`, `get_by_user`, `get_by_customer`.
     fn name(&self) -> &'static str;
 
-    /// The user and customer a request writes, when it writes (Links).
-    fn keys(request: &Self::Request) -> Option<(&str, &str)>;
+    /// The account, user and customer a request writes, when it writes
+    /// (Links).
+    fn keys(request: &Self::Request) -> Option<(&str, &str, &str)>;
 
     /// Sends one statement answering every call of `batch` (never empty),
     /// and answers each of them.
@@ -211,7 +212,8 @@ impl<W: Work> Lane<W> {
         request: W::Request,
         until: Instant,
     ) -> Result<W::Answer, DbErr> {
-        let keys = W::keys(&request).map(|(user, customer)| self.fingerprints.of(user, customer));
+        let keys = W::keys(&request)
+            .map(|(account, user, customer)| self.fingerprints.of(account, user, customer));
         let (reply, answer) = oneshot::channel();
         let call = Call {
             request,
@@ -381,8 +383,8 @@ mod tests {
             "test"
         }
 
-        fn keys(request: &(String, String)) -> Option<(&str, &str)> {
-            Some((&request.0, &request.1))
+        fn keys(request: &(String, String)) -> Option<(&str, &str, &str)> {
+            Some(("", &request.0, &request.1))
         }
 
         async fn run(&self, _: &Pool, _: Vec<Call<Self>>) {}
@@ -410,7 +412,7 @@ mod tests {
             for pair in pairs {
                 let (user, customer) = pair.split_once(':').expect("user:customer");
                 let request = (user.to_owned(), customer.to_owned());
-                let keys = Some(self.fingerprints.of(user, customer));
+                let keys = Some(self.fingerprints.of("", user, customer));
                 let (reply, _) = oneshot::channel();
                 self.state.queued.push_back(Call {
                     request,
@@ -491,7 +493,7 @@ mod tests {
         };
         let pool = Pool::new("postgres://nobody@127.0.0.1:1/none", limits).expect("a pool");
         let lane = Lane::new(TestLink, pool.clone(), Duration::from_secs(1));
-        let keys = lane.fingerprints.of("u1", "c1");
+        let keys = lane.fingerprints.of("", "u1", "c1");
         {
             let mut state = lane.lock_current();
             state.busy = true;

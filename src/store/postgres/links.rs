@@ -60,9 +60,10 @@ impl Work for Link {
         "link"
     }
 
-    fn keys(write: &LinkWrite) -> Option<(&str, &str)> {
+    fn keys(write: &LinkWrite) -> Option<(&str, &str, &str)> {
         let mapping = &write.mapping;
         Some((
+            mapping.stripe_account.as_str(),
             mapping.user_id.as_str(),
             mapping.stripe_customer_id.as_str(),
         ))

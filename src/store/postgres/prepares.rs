@@ -72,7 +72,7 @@ impl Work for Prepare {
         "prepare_link"
     }
 
-    fn keys(_: &(String, String)) -> Option<(&str, &str)> {
+    fn keys(_: &(String, String)) -> Option<(&str, &str, &str)> {
         None
     }
 
