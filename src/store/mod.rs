@@ -32,8 +32,8 @@ pub use feed::{FeedPage, FeedPosition};
 use crate::{
     config::DatabaseSettings,
     mapping::{
-        Actor, Event, Generation, Key, LinkAttempt, LinkWrite, ListCursor, Mapping, Prepared,
-        StripeAccount, Unlink, Unlinked,
+        Actor, Event, Generation, Key, LinkAttempt, LinkWrite, ListCursor, MAX_BATCH_KEYS, Mapping,
+        Prepared, StripeAccount, Unlink, Unlinked,
     },
     telemetry::{metrics::PoolStats, traces},
 };
@@ -379,17 +379,25 @@ impl Database {
     }
 
     /// What [`Database::link_batch`] would find, writing nothing (a dry
-    /// run): the mappings holding each Link's user or customer.
+    /// run): the mappings holding each Link's user or customer. Read at
+    /// most BatchGet's number of keys at a time: with ten times as many ids
+    /// in its `IN` lists, PostgreSQL's planner reads the whole table
+    /// instead of the indexes. A dry run writes nothing, so its chunks need
+    /// not be read at one instant.
     pub async fn link_batch_holders(
         &self,
         writes: &[&LinkWrite],
         until: Instant,
     ) -> Result<Vec<LinkAttempt>, DbErr> {
-        let keys: Vec<Key> = writes.iter().flat_map(|w| w.keys()).collect();
-        let holders = self
-            .all("holding_any", queries::holding_any(&keys), until)
-            .await?;
-        rows::attempts(writes, Vec::new(), &holders)
+        let mut attempts = Vec::with_capacity(writes.len());
+        for chunk in writes.chunks(MAX_BATCH_KEYS / 2) {
+            let keys: Vec<Key> = chunk.iter().flat_map(|w| w.keys()).collect();
+            let holders = self
+                .all("holding_any", queries::holding_any(&keys), until)
+                .await?;
+            attempts.extend(rows::attempts(chunk, Vec::new(), &holders)?);
+        }
+        Ok(attempts)
     }
 
     /// Removes the mapping `unlink` names and records its event,
