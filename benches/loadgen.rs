@@ -206,14 +206,19 @@ struct Args {
     /// the address is read from it.
     #[arg(long, value_parser = parse_env)]
     server_env: Vec<(String, String)>,
-    /// Another server binary to run (A/B comparisons of builds); default:
-    /// this build's.
+    /// Another server binary to run, and to import with (A/B comparisons of
+    /// builds); default: this build's.
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
     /// Measure `customer-mapping import` of a generated CSV of this many
     /// rows instead of the load scenarios.
     #[arg(long)]
     import_rows: Option<u64>,
+    /// With `--import-rows`: spread the rows over this many connected
+    /// accounts and the platform's own, named in a `stripe_account` column
+    /// (`--account-column`).
+    #[arg(long, default_value_t = 0)]
+    import_accounts: u64,
     /// A few seconds of everything, small: proves the tool works (CI).
     #[arg(long)]
     smoke: bool,
@@ -339,7 +344,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(rows) = args.import_rows {
         for &db in &args.database {
-            run_import(db, rows).await?;
+            run_import(db, rows, &args).await?;
         }
         return Ok(());
     }
@@ -348,7 +353,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.smoke {
         for &db in &args.database {
-            run_import(db, 1000).await?;
+            run_import(db, 1000, &args).await?;
         }
     }
     Ok(())
@@ -356,36 +361,58 @@ async fn main() -> anyhow::Result<()> {
 
 /// `customer-mapping import` of `rows` generated rows into a fresh
 /// database: all new, then all present, then a dry run.
-async fn run_import(db: Db, rows: u64) -> anyhow::Result<()> {
+async fn run_import(db: Db, rows: u64, args: &Args) -> anyhow::Result<()> {
     let database = TestDatabase::create(match db {
         Db::Postgres => Backend::Postgres,
         Db::Sqlite => Backend::Sqlite,
     })
     .await;
     let url = without_tls(db, &database.url)?;
-    let csv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("import-{rows}.csv"));
+    let accounts = args.import_accounts;
+    let csv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("import-{rows}-{accounts}-accounts.csv"));
     if !csv.exists() {
         let partial = csv.with_extension("partial");
         let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
         use std::io::Write as _;
-        writeln!(out, "user_id,stripe_customer_id,created_at")?;
+        let (header, column) = match accounts {
+            0 => ("", ""),
+            _ => (",stripe_account", ","),
+        };
+        writeln!(out, "user_id,stripe_customer_id,created_at{header}")?;
         for i in 0..rows {
-            writeln!(out, "user-{i:08},cus_{i:08}x,2024-01-01T00:00:00Z")?;
+            let account = match i % (accounts + 1) {
+                0 => String::new(),
+                k => format!("acct_{k:016}"),
+            };
+            writeln!(
+                out,
+                "user-{i:08},cus_{i:08}x,2024-01-01T00:00:00Z{column}{account}"
+            )?;
         }
         out.flush()?;
         std::fs::rename(&partial, &csv)?;
     }
+    let binary = args
+        .server_bin
+        .as_deref()
+        .unwrap_or_else(|| std::path::Path::new(helpers::process::BINARY));
+    let by_column: &[&str] = match accounts {
+        0 => &[],
+        _ => &["--account-column", "stripe_account"],
+    };
     for (pass, extra) in [
         ("all new", None),
         ("all present", None),
         ("dry run", Some("--dry-run")),
     ] {
         let started = Instant::now();
-        let child = std::process::Command::new(helpers::process::BINARY)
+        let child = std::process::Command::new(binary)
             .arg("import")
             .arg("--csv")
             .arg(&csv)
             .args(extra)
+            .args(by_column)
             .env("DATABASE_URL", &url)
             .env("LOG_FORMAT", "json")
             .stdout(std::process::Stdio::null())
@@ -395,7 +422,8 @@ async fn run_import(db: Db, rows: u64) -> anyhow::Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         anyhow::ensure!(code == Some(0), "{db:?} import ({pass}) exited {code:?}");
         println!(
-            "{db:?}: import {rows} rows, {pass}: {seconds:.1} s ({:.0} rows/s), peak RSS {:.1} MiB",
+            "{db:?}: import {rows} rows ({accounts} accounts), {pass}: {seconds:.1} s \
+             ({:.0} rows/s), peak RSS {:.1} MiB",
             rows as f64 / seconds,
             peak_kib as f64 / 1024.0
         );
