@@ -36,7 +36,12 @@ pub fn binaries() -> Option<PathBuf> {
 /// PostgreSQL refuses to run as root: run its tools as `postgres` then.
 fn command(program: &Path) -> Command {
     if is_root() {
-        let mut command = Command::new("runuser");
+        // A PATH without /usr/sbin (where util-linux puts it) still finds it.
+        let runuser = ["/usr/sbin/runuser", "/sbin/runuser"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .unwrap_or("runuser");
+        let mut command = Command::new(runuser);
         command.args(["-u", "postgres", "--"]).arg(program);
         command
     } else {
