@@ -6,7 +6,7 @@ use tonic::Status;
 use super::{
     bulk_request::{batch_get_keys, list_arguments, list_events_arguments},
     codec,
-    request::{get_key, link_arguments, prepare_link_key, unlink_arguments},
+    request::{get_key, link_arguments, prepare_link_arguments, unlink_arguments},
     watch::watch_start,
 };
 use crate::auth::Rpc;
@@ -18,7 +18,7 @@ use crate::auth::Rpc;
 pub fn decode_and_validate(method: Rpc, bytes: &[u8]) -> Result<(), Status> {
     match method {
         Rpc::Link => link_arguments(codec::decode_request(bytes)?).map(drop),
-        Rpc::PrepareLink => prepare_link_key(codec::decode_request(bytes)?).map(drop),
+        Rpc::PrepareLink => prepare_link_arguments(codec::decode_request(bytes)?).map(drop),
         Rpc::Get => get_key(codec::decode_request(bytes)?).map(drop),
         Rpc::Unlink => unlink_arguments(codec::decode_request(bytes)?).map(drop),
         Rpc::BatchGet => batch_get_keys(&codec::decode_request(bytes)?).map(drop),

@@ -37,13 +37,15 @@ pub(super) fn link_arguments(request: LinkRequest) -> Result<LinkArgs, Error> {
     }
 }
 
-/// PrepareLink's user, in its account.
-pub(super) fn prepare_link_key(request: PrepareLinkRequest) -> Result<Key, Error> {
+/// PrepareLink's account and user.
+pub(super) fn prepare_link_arguments(
+    request: PrepareLinkRequest,
+) -> Result<(StripeAccount, UserId), Error> {
     match (
         user_id(request.user_id),
         account("stripe_account", request.stripe_account),
     ) {
-        (Ok(user), Ok(account)) => Ok(Key::user(account, user)),
+        (Ok(user), Ok(account)) => Ok((account, user)),
         (user, account) => Err(invalid([user.err(), account.err()])),
     }
 }
@@ -65,46 +67,34 @@ pub(super) fn get_key(request: GetRequest) -> Result<Key, Error> {
 pub(super) fn unlink_arguments(request: UnlinkRequest) -> Result<Unlink, Error> {
     let expected = Some(request.expected_counterpart).filter(|id| !id.is_empty());
     let account = account("stripe_account", request.stripe_account);
-    let mut violations = Vec::new();
-    let unlink = match (request.key, account) {
-        (Some(proto::unlink_request::Key::UserId(id)), account) => {
-            let expected = expected.map(|id| parse(FIELD_COUNTERPART, StripeCustomerId::parse(id)));
-            match (user_id(id), account, split(expected)) {
-                (Ok(user), Ok(account), (expected, None)) => {
-                    Some(Unlink::of_user(account, user, expected))
-                }
-                (user, account, (_, expected)) => {
-                    violations.extend([user.err(), account.err(), expected].into_iter().flatten());
-                    None
-                }
-            }
-        }
-        (Some(proto::unlink_request::Key::StripeCustomerId(id)), account) => {
-            let expected = expected.map(|id| parse(FIELD_COUNTERPART, UserId::parse(id)));
-            match (customer_id(id), account, split(expected)) {
-                (Ok(customer), Ok(account), (expected, None)) => {
-                    Some(Unlink::of_customer(account, customer, expected))
-                }
-                (customer, account, (_, expected)) => {
-                    violations.extend(
-                        [customer.err(), account.err(), expected]
-                            .into_iter()
-                            .flatten(),
-                    );
-                    None
-                }
-            }
-        }
-        (None, account) => {
-            violations.extend(
-                [Some(missing_key("key")), account.err()]
-                    .into_iter()
-                    .flatten(),
-            );
-            None
-        }
-    };
-    unlink.ok_or(Error::InvalidArgument(violations))
+    match request.key {
+        Some(proto::unlink_request::Key::UserId(id)) => unlink_of(
+            user_id(id),
+            account,
+            expected.map(|id| parse(FIELD_COUNTERPART, StripeCustomerId::parse(id))),
+            Unlink::of_user,
+        ),
+        Some(proto::unlink_request::Key::StripeCustomerId(id)) => unlink_of(
+            customer_id(id),
+            account,
+            expected.map(|id| parse(FIELD_COUNTERPART, UserId::parse(id))),
+            Unlink::of_customer,
+        ),
+        None => Err(invalid([Some(missing_key("key")), account.err()])),
+    }
+}
+
+/// An Unlink of one side (`of`), or every violation among its fields.
+fn unlink_of<S, C>(
+    side: Result<S, FieldViolation>,
+    account: Result<StripeAccount, FieldViolation>,
+    expected: Option<Result<C, FieldViolation>>,
+    of: fn(StripeAccount, S, Option<C>) -> Unlink,
+) -> Result<Unlink, Error> {
+    match (side, account, split(expected)) {
+        (Ok(side), Ok(account), (expected, None)) => Ok(of(account, side, expected)),
+        (side, account, (_, expected)) => Err(invalid([side.err(), account.err(), expected])),
+    }
 }
 
 /// Every violation found, as one error.

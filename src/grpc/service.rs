@@ -9,7 +9,7 @@ use super::{
     },
     guard::Guard,
     observe::{observe, observe_stream},
-    request::{get_key, link_arguments, prepare_link_key, unlink_arguments},
+    request::{get_key, link_arguments, prepare_link_arguments, unlink_arguments},
     watch::{WatchStream, watch_start},
 };
 use crate::auth::Rpc;
@@ -133,8 +133,8 @@ impl CustomerMappingService {
         &self,
         request: PrepareLinkRequest,
     ) -> Result<PrepareLinkResponse, Status> {
-        let key = prepare_link_key(request)?;
-        Ok(self.mappings.prepare_link(key).await?.into())
+        let (account, user) = prepare_link_arguments(request)?;
+        Ok(self.mappings.prepare_link(account, user).await?.into())
     }
 
     async fn handle_get(&self, request: GetRequest) -> Result<GetResponse, Status> {

@@ -65,12 +65,7 @@ pub struct LinkWrite {
 impl LinkWrite {
     /// The user and the customer it links, in its account.
     pub fn keys(&self) -> [Key; 2] {
-        let mapping = &self.mapping;
-        let account = &mapping.stripe_account;
-        [
-            Key::user(account.clone(), mapping.user_id.clone()),
-            Key::customer(account.clone(), mapping.stripe_customer_id.clone()),
-        ]
+        self.mapping.keys()
     }
 }
 
@@ -179,9 +174,9 @@ impl KeyFingerprints {
 /// The keys of Links that go into one statement, or that are in flight.
 ///
 /// The batching rule: **no two Links of one statement share a user or a
-/// customer in one account.** Each is then decided against mappings outside the statement,
-/// exactly as if it were alone. A fingerprint collision only makes a Link
-/// wait for the next statement.
+/// customer in one account.** Each is then decided against mappings outside
+/// the statement, exactly as if it were alone. A fingerprint collision only
+/// makes a Link wait for the next statement.
 #[derive(Debug, Default)]
 pub struct KeySet(HashSet<u64, BuildHasherDefault<PassThrough>>);
 

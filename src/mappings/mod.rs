@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::{
     mapping::{
         Actor, Error, IdempotencyNamespace, Key, LinkArgs, LinkOutcome, LinkToken, LinkWrite,
-        Linked, Mapping, Preparation, PrepareOutcome, Prepared, StripeAccount, Unlink,
+        Linked, Mapping, Preparation, PrepareOutcome, Prepared, StripeAccount, Unlink, UserId,
     },
     store::{Database, Store},
 };
@@ -129,13 +129,18 @@ impl Mappings {
         .await
     }
 
-    /// The user's mapping in `key`'s account, or how to create its
-    /// customer (`key` is a user's).
-    pub async fn prepare_link(&self, key: Key) -> Result<PrepareOutcome, Error> {
+    /// The user's mapping in `account`, or how to create its customer
+    /// there.
+    pub async fn prepare_link(
+        &self,
+        account: StripeAccount,
+        user: UserId,
+    ) -> Result<PrepareOutcome, Error> {
         let (db, until) = (self.db()?, work_until());
         let configured = self.namespace.clone();
         run_to_completion(async move {
-            accounts_enabled(&db, &key.account, until).await?;
+            accounts_enabled(&db, &account, until).await?;
+            let key = Key::user(account.clone(), user.clone());
             let generation = match db.prepare(&key, until).await? {
                 Prepared::Linked(mapping) => return Ok(PrepareOutcome::Linked(mapping)),
                 Prepared::Unlinked(generation) => generation,
@@ -144,14 +149,8 @@ impl Mappings {
                 Some(namespace) => namespace,
                 None => IdempotencyNamespace::new(db.deployment(until).await?),
             };
-            let crate::mapping::Side::User(user) = &key.side else {
-                return Err(Error::Internal("PrepareLink of a customer".into()));
-            };
             Ok(PrepareOutcome::Create(Preparation::new(
-                &namespace,
-                &key.account,
-                user,
-                generation,
+                &namespace, &account, &user, generation,
             )))
         })
         .await

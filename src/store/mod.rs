@@ -272,7 +272,7 @@ impl Database {
         match &self.0.backend {
             Backend::Postgres(db) => db.link(write, until).await,
             Backend::Sqlite(db) => match db.link(&[&write]).instrument(sqlite_span("link")).await {
-                Ok(attempts) => Ok(only(attempts)),
+                Ok(attempts) => Ok(rows::only(attempts)),
                 Err(err) => errors::attempt_after(err, until),
             },
         }
@@ -314,22 +314,14 @@ impl Database {
     /// PostgreSQL it shares its statement like a Get.
     pub async fn prepare(&self, key: &Key, until: Instant) -> Result<Prepared, DbErr> {
         let found = match &self.0.backend {
-            Backend::Postgres(db) => match db.prepare(key, until).await? {
-                postgres::prepares::Found::Linked(row) => Ok(row),
-                postgres::prepares::Found::Unlinked(count) => Err(count),
-            },
+            Backend::Postgres(db) => db.prepare(key, until).await?,
             Backend::Sqlite(db) => {
                 db.prepare(key)
                     .instrument(sqlite_span("prepare_link"))
                     .await?
             }
         };
-        match found {
-            Ok(row) => rows::mapping(&row).map(Prepared::Linked),
-            Err(count) => Generation::new(count)
-                .map(Prepared::Unlinked)
-                .ok_or_else(|| DbErr::Type(format!("a negative generation: {count}"))),
-        }
+        rows::prepared(found)
     }
 
     /// Whether mappings of connected accounts may be written: on
@@ -569,9 +561,4 @@ impl Database {
 /// `postgres/lane.rs`, where statements are shared).
 fn sqlite_span(operation: &'static str) -> tracing::Span {
     traces::statement_span(operation, "sqlite")
-}
-
-/// The one attempt of a transaction of one Link.
-fn only(attempts: Vec<LinkAttempt>) -> LinkAttempt {
-    attempts.into_iter().next().unwrap_or(LinkAttempt::Again)
 }

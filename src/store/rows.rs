@@ -11,8 +11,8 @@ use super::{
     event_entity::{self, Model as EventRow},
 };
 use crate::mapping::{
-    Actor, Event, EventKind, Holder, InvalidId, LinkAttempt, LinkToken, LinkWrite, ListCursor,
-    Mapping, StripeAccount, StripeCustomerId, UserId,
+    Actor, Event, EventKind, Generation, Holder, InvalidId, LinkAttempt, LinkToken, LinkWrite,
+    ListCursor, Mapping, Prepared, StripeAccount, StripeCustomerId, UserId,
 };
 
 /// `mapping_events.kind` of a Link that created its mapping.
@@ -142,6 +142,30 @@ pub(super) fn new_event(
         stripe_account: Set(mapping.stripe_account.clone()),
         ..Default::default()
     }
+}
+
+/// A user's generation, counted from its Unlinked events.
+pub(super) fn generation(count: i64) -> Result<Generation, DbErr> {
+    Generation::new(count).ok_or_else(|| DbErr::Type(format!("a negative generation: {count}")))
+}
+
+/// What a PrepareLink's read found, on either database: the user's
+/// mapping row, or else its count of Unlinked events.
+pub(super) enum Found {
+    Linked(MappingRow),
+    Unlinked(i64),
+}
+
+pub(super) fn prepared(found: Found) -> Result<Prepared, DbErr> {
+    match found {
+        Found::Linked(row) => mapping(&row).map(Prepared::Linked),
+        Found::Unlinked(count) => generation(count).map(Prepared::Unlinked),
+    }
+}
+
+/// The one attempt of a transaction of one Link.
+pub(super) fn only(attempts: Vec<LinkAttempt>) -> LinkAttempt {
+    attempts.into_iter().next().unwrap_or(LinkAttempt::Again)
 }
 
 /// Each Link's attempt, from what one statement (or transaction) for all

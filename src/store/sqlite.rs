@@ -25,7 +25,8 @@ use super::{
     entity::{Entity as StripeCustomers, Model},
     errors::timed_out,
     event_entity::{self, Entity as MappingEvents, Model as EventRow},
-    queries, rows,
+    queries,
+    rows::{self, Found},
 };
 use crate::config::DatabaseSettings;
 use crate::mapping::{Actor, EventKind, Generation, Key, LinkAttempt, LinkWrite, Unlink, Unlinked};
@@ -108,15 +109,15 @@ impl Db {
 
     /// The mapping holding `key` (a user's), or else the user's generation,
     /// in one read transaction (one snapshot).
-    pub async fn prepare(&self, key: &Key) -> Result<Result<Model, i64>, DbErr> {
+    pub async fn prepare(&self, key: &Key) -> Result<Found, DbErr> {
         let txn = self.conn.begin().await?;
         let found = match StripeCustomers::find()
             .filter(queries::holding(key))
             .one(&txn)
             .await?
         {
-            Some(row) => Ok(row),
-            None => Err(generation(&txn, key).await?),
+            Some(row) => Found::Linked(row),
+            None => Found::Unlinked(generation(&txn, key).await?),
         };
         txn.commit().await?;
         Ok(found)
@@ -141,15 +142,13 @@ impl Db {
     ) -> Result<LinkAttempt, DbErr> {
         let (_turn, txn) = self.begin_write().await?;
         let key = &write.keys()[0];
-        let current = generation(&txn, key).await?;
-        let current = Generation::new(current)
-            .ok_or_else(|| DbErr::Type(format!("a negative generation: {current}")))?;
+        let current = rows::generation(generation(&txn, key).await?)?;
         if current != prepared {
             return Ok(LinkAttempt::Stale(current));
         }
         let attempt = link_in(&txn, &[write]).await?;
         txn.commit().await?;
-        Ok(attempt.into_iter().next().unwrap_or(LinkAttempt::Again))
+        Ok(rows::only(attempt))
     }
 
     /// Up to `limit` events after sequence `after` (up to `up_to` when

@@ -1,8 +1,9 @@
 //! Gets: one lane per side (user, customer). A shared read is one
-//! statement, `WHERE side = ANY($1) AND stripe_account = ANY($2)`, for
-//! every Get queued while the lane was busy; each takes the row of its own
-//! key from what it finds. A Get's answer is whatever its statement's snapshot held for
-//! its key, so the lane's argument (`lane.rs`) is all there is to it.
+//! statement, `WHERE side = ANY($1) AND stripe_account = $2` (`= ANY($2)`
+//! when the Gets span accounts), for every Get queued while the lane was
+//! busy; each takes the row of its own key from what it finds. A Get's
+//! answer is whatever its statement's snapshot held for its key, so the
+//! lane's argument (`lane.rs`) is all there is to it.
 
 use std::{
     collections::{BTreeSet, HashMap},

@@ -53,9 +53,9 @@
 //! row was inserted, and Link stays one round trip.
 //!
 //! **Accounts.** Every key is a side's id *in an account*: the unique
-//! indexes are (user, account) and (customer, account), and the holders
-//! are looked up in the Link's account. The lane keeps Links of one user
-//! or one customer apart whatever their accounts (more than it needs to).
+//! indexes are (user, account) and (customer, account), the holders are
+//! looked up in the Link's account, and the lane keeps apart Links of one
+//! user or one customer in one account.
 //!
 //! # Why a prepared Link cannot link a stale customer
 //!
@@ -285,10 +285,9 @@ pub(super) async fn link_prepared(
         })
         .await?;
     conn.release();
-    match Generation::new(current) {
-        Some(current) if current != prepared => Ok(LinkAttempt::Stale(current)),
-        Some(_) => Ok(only(attempts(&[write], fetched)?)),
-        None => Err(DbErr::Type(format!("a negative generation: {current}"))),
+    match rows::generation(current)? {
+        current if current != prepared => Ok(LinkAttempt::Stale(current)),
+        _ => Ok(rows::only(attempts(&[write], fetched)?)),
     }
 }
 
@@ -305,10 +304,6 @@ fn attempts(writes: &[&LinkWrite], fetched: Vec<PgRow>) -> Result<Vec<LinkAttemp
         }
     }
     rows::attempts(writes, inserted, &holders)
-}
-
-fn only(attempts: Vec<LinkAttempt>) -> LinkAttempt {
-    attempts.into_iter().next().unwrap_or(LinkAttempt::Again)
 }
 
 /// Removes the mapping `unlink` names and records its event, in one

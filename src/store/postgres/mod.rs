@@ -11,7 +11,7 @@ mod link;
 mod links;
 mod migration_lock;
 mod pool;
-pub(super) mod prepares;
+mod prepares;
 
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use crate::mapping::{Actor, Generation, Key, LinkAttempt, LinkWrite, Unlink, Unl
 use gets::Gets;
 use links::Links;
 use pool::Pool;
-use prepares::{Found, Prepares};
+use prepares::Prepares;
 
 /// The service's PostgreSQL connections, and the Gets and Links coalesced
 /// over them.
@@ -180,7 +180,7 @@ impl Db {
             .or_else(|err| attempt_after(err, until))
     }
 
-    pub async fn prepare(&self, key: &Key, until: Instant) -> Result<Found, DbErr> {
+    pub async fn prepare(&self, key: &Key, until: Instant) -> Result<super::rows::Found, DbErr> {
         self.prepares
             .prepare(key.side.as_str(), key.account.as_str(), until)
             .await

@@ -16,7 +16,7 @@ use super::{
     model,
     pool::{Pool, sqlx_err},
 };
-use crate::store::{entity::Model, rows::KIND_UNLINKED};
+use crate::store::rows::{Found, KIND_UNLINKED};
 
 /// For each (user, account) of `$1`, `$2`: its index `n` (from 1), the
 /// mapping's columns (NULL when there is none), and the number of times
@@ -29,12 +29,6 @@ SELECT i.n, s.id, s.user_id, s.stripe_customer_id, s.created_at, s.link_token, s
        END AS generation
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i (user_id, stripe_account, n)
 LEFT JOIN stripe_customers s ON s.user_id = i.user_id AND s.stripe_account = i.stripe_account";
-
-/// What one PrepareLink found: the mapping, or the user's generation.
-pub(in crate::store) enum Found {
-    Linked(Model),
-    Unlinked(i64),
-}
 
 /// The PrepareLink lane.
 #[derive(Debug)]
